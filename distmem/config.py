@@ -1,0 +1,71 @@
+"""Configuration of a key-value memory (saved with every checkpoint and memory file)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+KEY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Hyper-parameters of the memory of Kaiser et al. (2017).
+
+    size: number of slots N.          key_dim: key size d.
+    k: candidates per query (1 <= k <= size; the paper uses 256).
+    alpha: margin of the loss.        age_noise: half-width of the uniform age noise.
+    seed: seed of the age-noise generator.
+    chunk_size: slots scored per block by the exact torch search (bounds the B x chunk buffer);
+        None picks 2048 on CPU (cache-sized) and 65536 on CUDA.
+    key_dtype: storage type of the keys ("float32"; "float16"/"bfloat16" for GPU memories).
+    """
+
+    size: int
+    key_dim: int
+    k: int = 256
+    alpha: float = 0.1
+    age_noise: float = 8.0
+    seed: int = 0
+    chunk_size: int | None = None
+    key_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "key_dim", "k", "seed", "chunk_size"):
+            value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MemoryConfig.{name} must be an int, got {value!r}")
+        for name in ("size", "key_dim", "k", "chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"MemoryConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k > self.size:
+            raise ValueError(
+                f"MemoryConfig.k={self.k} is larger than the memory (size={self.size}); "
+                f"expected 1 <= k <= size"
+            )
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"MemoryConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (isinstance(self.age_noise, (int, float)) and math.isfinite(self.age_noise)
+                and self.age_noise >= 0):
+            raise ValueError(f"MemoryConfig.age_noise must be a finite number >= 0, got {self.age_noise!r}")
+        if self.key_dtype not in KEY_DTYPES:
+            raise ValueError(f"MemoryConfig.key_dtype must be one of {KEY_DTYPES}, got {self.key_dtype!r}")
+
+    @property
+    def inverse_temperature(self) -> float:
+        """t = max(1, ln(0.2 k) / alpha): the soft output is softmax(t * similarities)."""
+        return max(1.0, math.log(0.2 * self.k) / self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown MemoryConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,145 @@
+"""The memory's rules (`shared/docs/memory-module.md`) as pure tensor functions.
+
+Shared by `LocalMemory` and the sharded memory, so both implement one semantics. Nothing here
+holds state except `RecentSlots`, the label -> slot table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distmem.topk import ordered_topk
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor | int) -> Tensor | int:
+    """murmur3's 32-bit finaliser; works on Python ints and on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def age_noise(seed: int, step: int, start: int, count: int, width: float,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Uniform noise in [-width, width] for slots start..start+count-1 at update `step`. [count] float64.
+
+    A counter-based generator: the noise of a slot depends only on (seed, step, slot id), so a
+    memory split over any number of shards draws exactly the noise of one local memory.
+    """
+    seed_mix = _fmix32(seed & _MASK32) ^ (((seed >> 32) * 0x9E3779B1) & _MASK32)
+    key = _fmix32(seed_mix ^ ((step * 0x632BE5AB) & _MASK32))
+    slots = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    h = (((slots & _MASK32) ^ key) * 0x27D4EB2F) & _MASK32
+    h = _fmix32(h ^ (slots >> 32))
+    h = _fmix32((h + key) & _MASK32)
+    unit = h.double() / float(1 << 32)  # [0, 1)
+    return (2.0 * unit - 1.0) * width
+
+
+def oldest_slots(ages: Tensor, count: int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The `count` oldest slots by age + noise, oldest first, ties by lower slot id.
+
+    ages [N] int64, noise [N] float64 or None. Returns (scores [count], slot ids [count]).
+    """
+    score = ages.double() if noise is None else ages.double() + noise
+    scores, ids = ordered_topk(score.unsqueeze(0), count)
+    return scores[0], ids[0]
+
+
+def positive_negative(cand_values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First candidate column whose value equals / differs from the label.
+
+    cand_values [B, m], labels [B]. Returns (pos_col, has_pos, neg_col, has_neg), each [B].
+    """
+    same = cand_values == labels.unsqueeze(1)
+    has_pos, has_neg = same.any(dim=1), (~same).any(dim=1)
+    # argmax returns the first maximal entry
+    return same.byte().argmax(dim=1), has_pos, (~same).byte().argmax(dim=1), has_neg
+
+
+def margin_loss(query: Tensor, pos_keys: Tensor, has_pos: Tensor, neg_keys: Tensor,
+                has_neg: Tensor, alpha: float) -> Tensor:
+    """Mean over b of max(0, q.K[n] - q.K[p] + alpha); q.K[p] = 0 without a positive, 0 without a
+    negative. query [B, d] (differentiable), keys [B, d] (constants). Returns a scalar."""
+    pos_sim = torch.where(has_pos, (query * pos_keys).sum(dim=1), torch.zeros_like(query[:, 0]))
+    neg_sim = (query * neg_keys).sum(dim=1)
+    per_example = torch.where(has_neg, F.relu(neg_sim - pos_sim + alpha), torch.zeros_like(pos_sim))
+    return per_example.mean()
+
+
+def soft_confidence(query: Tensor, sims: Tensor, nearest_key: Tensor, mean_key: Tensor,
+                    temperature: float) -> Tensor:
+    """Softmax weight of the nearest neighbour, softmax(t * sims)[:, 0], differentiable in `query`.
+
+    The value comes from the search's similarities; the gradient is the exact one,
+    t * w0 * (K[n1] - sum_j w_j K[c_j]), so the k candidate keys are never gathered on the caller.
+    query [B, d], sims [B, k], nearest_key / mean_key [B, d] (mean_key = sum_j w_j K[c_j]).
+    """
+    w0 = torch.softmax(temperature * sims, dim=1)[:, 0]
+    direction = ((query - query.detach()) * (nearest_key - mean_key)).sum(dim=1)  # value 0
+    return w0 + w0 * temperature * direction
+
+
+@dataclass
+class WritePlan:
+    """Where one batch writes: unique slots [U] with their final keys [U, d] and values [U], and
+    the slot each example wrote [B] (before later examples overwrote it)."""
+
+    slots: Tensor
+    keys: Tensor
+    values: Tensor
+    written: Tensor
+
+
+def plan_writes(query: Tensor, labels: Tensor, nearest: Tensor, nearest_values: Tensor,
+                nearest_keys: Tensor, oldest: Tensor) -> WritePlan:
+    """The paper's update for one batch, decided on the memory as it was before the batch.
+
+    Hit (V[n1] == y): n1 gets normalize(q + K[n1]). Miss: example b takes oldest[b], key q.
+    Batch order: when two examples write one slot, the later one wins.
+    query, nearest_keys [B, d]; labels, nearest, nearest_values, oldest [B].
+    """
+    hit = nearest_values == labels
+    written = torch.where(hit, nearest, oldest)
+    new_keys = torch.where(hit.unsqueeze(1), F.normalize(query + nearest_keys, dim=1), query)
+    slots, inverse = torch.unique(written, return_inverse=True)
+    position = torch.arange(len(written), device=written.device)
+    last = torch.zeros(len(slots), dtype=torch.int64, device=written.device)
+    last.scatter_reduce_(0, inverse, position, reduce="amax", include_self=False)
+    return WritePlan(slots=slots, keys=new_keys[last], values=labels[last], written=written)
+
+
+class RecentSlots:
+    """R: label -> the slot most recently written for it in training. Sorted int64 tensors."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.labels = torch.empty(0, dtype=torch.int64, device=device)
+        self.slots = torch.empty(0, dtype=torch.int64, device=device)
+
+    def lookup(self, labels: Tensor) -> Tensor:
+        """Slot of each label [B], -1 where the label has none."""
+        if self.labels.numel() == 0:
+            return torch.full_like(labels, -1)
+        pos = torch.searchsorted(self.labels, labels).clamp(max=len(self.labels) - 1)
+        return torch.where(self.labels[pos] == labels, self.slots[pos], torch.full_like(labels, -1))
+
+    def update(self, labels: Tensor, slots: Tensor) -> None:
+        """Set R[labels[b]] = slots[b] in batch order (later wins)."""
+        all_labels = torch.cat([self.labels, labels])
+        all_slots = torch.cat([self.slots, slots])
+        uniq, inverse = torch.unique(all_labels, return_inverse=True)  # sorted
+        last = torch.zeros(len(uniq), dtype=torch.int64, device=uniq.device)
+        last.scatter_reduce_(0, inverse, torch.arange(len(all_labels), device=uniq.device),
+                             reduce="amax", include_self=False)
+        self.labels, self.slots = uniq, all_slots[last]
+
+    def set(self, labels: Tensor, slots: Tensor) -> None:
+        order = torch.argsort(labels)
+        self.labels, self.slots = labels[order].clone(), slots[order].clone()

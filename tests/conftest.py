@@ -1,0 +1,24 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distmem import LocalMemory, MemoryConfig
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture
+def small_config() -> MemoryConfig:
+    return MemoryConfig(size=32, key_dim=8, k=4, age_noise=0.0)
+
+
+@pytest.fixture
+def small_memory(small_config) -> LocalMemory:
+    return LocalMemory(small_config, device="cpu")

@@ -1,0 +1,63 @@
+"""Every backend gives the candidates of a brute-force full sort (ties by lower slot id)."""
+
+import numpy as np
+import pytest
+import torch
+
+from distmem.backends import FaissBackend, TorchExactBackend, make_backend
+from distmem.topk import ordered_topk
+from conftest import unit
+
+
+def brute_force(keys: torch.Tensor, queries: torch.Tensor, k: int):
+    sims = (queries.double() @ keys.double().T).numpy()
+    ids = np.stack([np.lexsort((np.arange(len(row)), -row))[:k] for row in sims])
+    return ids
+
+
+def keys_with_ties(n: int, d: int, seed: int) -> torch.Tensor:
+    keys = unit(n, d, seed=seed)
+    keys[n // 2:] = 0  # empty slots: many exact ties at similarity 0
+    keys[5] = keys[40]  # duplicates: exact ties between filled slots
+    keys[17] = keys[3]
+    return keys
+
+
+BACKENDS = [
+    ("torch-pruned", lambda: TorchExactBackend(chunk_size=64, prune=True)),
+    ("torch-topk", lambda: TorchExactBackend(chunk_size=64, prune=False)),
+    ("torch-one-chunk", lambda: TorchExactBackend(chunk_size=100_000)),
+    ("faiss", lambda: FaissBackend(torch.device("cpu"))),
+]
+
+
+@pytest.mark.parametrize("name, make", BACKENDS, ids=[b[0] for b in BACKENDS])
+@pytest.mark.parametrize("k", [1, 7, 64, 300])
+def test_backend_equals_brute_force(name, make, k):
+    keys = keys_with_ties(600, 12, seed=k)
+    queries = torch.cat([unit(30, 12, seed=99), keys[[3, 40, 7]]])  # includes exact-duplicate hits
+    sims, ids = make().search(keys, queries, k)
+    assert ids.dtype == torch.int64 and sims.dtype == torch.float32 and ids.shape == (33, k)
+    np.testing.assert_array_equal(ids.numpy(), brute_force(keys, queries, k))
+    np.testing.assert_allclose(sims.numpy(), (queries @ keys.T).gather(1, ids).numpy(), atol=1e-6)
+
+
+def test_all_empty_memory_returns_lowest_ids():
+    keys = torch.zeros(500, 8)
+    for make in (b[1] for b in BACKENDS):
+        _, ids = make().search(keys, unit(4, 8), 10)
+        assert ids.tolist() == [list(range(10))] * 4
+
+
+def test_faiss_and_torch_agree_on_a_larger_random_memory():
+    keys, queries = unit(20_000, 32, seed=1), unit(64, 32, seed=2)
+    s_t, i_t = make_backend("torch", torch.device("cpu")).search(keys, queries, 50)
+    s_f, i_f = make_backend("faiss", torch.device("cpu")).search(keys, queries, 50)
+    assert torch.equal(i_t, i_f)
+    assert torch.allclose(s_t, s_f, atol=1e-5)
+
+
+def test_ordered_topk_breaks_ties_by_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0]])
+    vals, idx = ordered_topk(scores, 3)
+    assert idx.tolist() == [[1, 2, 4]] and vals.tolist() == [[3.0, 3.0, 3.0]]
