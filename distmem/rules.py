@@ -116,30 +116,59 @@ def plan_writes(query: Tensor, labels: Tensor, nearest: Tensor, nearest_values: 
     return WritePlan(slots=slots, keys=new_keys[last], values=labels[last], written=written)
 
 
+@dataclass
+class ShardWrite:
+    """The part of one step's writes that lands in one shard: final keys [U, d] and values [U]
+    of global slots [U], and the recent-slot updates (labels, global slots, seqs) [R]."""
+
+    slots: Tensor
+    keys: Tensor
+    values: Tensor
+    recent_labels: Tensor
+    recent_slots: Tensor
+    recent_seqs: Tensor
+
+
 class RecentSlots:
-    """R: label -> the slot most recently written for it in training. Sorted int64 tensors."""
+    """R: label -> the slot most recently written for it in training, with the write's sequence
+    number (step << 32 | position in the step's batch), so that per-shard tables combine into the
+    global one by taking the largest sequence number. Sorted int64 tensors."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.labels = torch.empty(0, dtype=torch.int64, device=device)
-        self.slots = torch.empty(0, dtype=torch.int64, device=device)
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        self.labels, self.slots, self.seqs = empty, empty.clone(), empty.clone()
 
-    def lookup(self, labels: Tensor) -> Tensor:
-        """Slot of each label [B], -1 where the label has none."""
+    def lookup(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(slot, seq) of each label [B]; -1 where the label has none."""
+        missing = torch.full_like(labels, -1)
         if self.labels.numel() == 0:
-            return torch.full_like(labels, -1)
+            return missing, missing.clone()
         pos = torch.searchsorted(self.labels, labels).clamp(max=len(self.labels) - 1)
-        return torch.where(self.labels[pos] == labels, self.slots[pos], torch.full_like(labels, -1))
+        found = self.labels[pos] == labels
+        return torch.where(found, self.slots[pos], missing), torch.where(found, self.seqs[pos], missing)
 
-    def update(self, labels: Tensor, slots: Tensor) -> None:
-        """Set R[labels[b]] = slots[b] in batch order (later wins)."""
+    def update(self, labels: Tensor, slots: Tensor, seqs: Tensor) -> None:
+        """Set R[labels[b]] = slots[b] where seqs[b] is the newest for that label."""
         all_labels = torch.cat([self.labels, labels])
-        all_slots = torch.cat([self.slots, slots])
+        all_seqs = torch.cat([self.seqs, seqs])
         uniq, inverse = torch.unique(all_labels, return_inverse=True)  # sorted
-        last = torch.zeros(len(uniq), dtype=torch.int64, device=uniq.device)
-        last.scatter_reduce_(0, inverse, torch.arange(len(all_labels), device=uniq.device),
+        newest = torch.full((len(uniq),), -1, dtype=torch.int64, device=uniq.device)
+        newest.scatter_reduce_(0, inverse, all_seqs, reduce="amax", include_self=True)
+        take = torch.zeros(len(uniq), dtype=torch.int64, device=uniq.device)
+        is_newest = all_seqs == newest[inverse]
+        take.scatter_reduce_(0, inverse[is_newest], torch.arange(len(all_labels), device=uniq.device)[is_newest],
                              reduce="amax", include_self=False)
-        self.labels, self.slots = uniq, all_slots[last]
+        self.labels, self.slots, self.seqs = uniq, torch.cat([self.slots, slots])[take], newest
 
-    def set(self, labels: Tensor, slots: Tensor) -> None:
+    def set(self, labels: Tensor, slots: Tensor, seqs: Tensor) -> None:
         order = torch.argsort(labels)
-        self.labels, self.slots = labels[order].clone(), slots[order].clone()
+        self.labels, self.slots, self.seqs = labels[order].clone(), slots[order].clone(), seqs[order].clone()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"recent_labels": self.labels.cpu().clone(), "recent_slots": self.slots.cpu().clone(),
+                "recent_seqs": self.seqs.cpu().clone()}
+
+
+def write_seq(step: int, positions: Tensor) -> Tensor:
+    """Sequence number of the write at `positions` of the batch of update `step`."""
+    return (step << 32) | positions

@@ -1,8 +1,13 @@
-"""Memory files: one Arrow table (Arrow IPC, or Parquet for a `.parquet` path).
+"""Memory files, checkpoints and write logs, all Arrow.
 
-Columns: keys (fixed_size_list<float>[d]), values (int64), ages (int64); schema metadata
-"distmem" holds the config, the step and the recent label -> slot table as JSON. Keys are
-stored as float32 whatever the key dtype, so the round trip is exact.
+A memory file holds the slots [lo, lo + rows) of a memory: columns keys (fixed_size_list<float>[d]),
+values (int64), ages (int64); schema metadata "distmem" (JSON) holds the config, lo, the step and
+the recent slots of that range. Arrow IPC, or Parquet for a `.parquet` path. Keys are stored as
+float32 whatever the key dtype, so round trips are exact.
+
+A checkpoint folder holds one memory file per shard plus `manifest.json` (written last) listing
+the parts; `read_range` reads any slot range from a file or a folder, so a checkpoint loads into a
+memory with any number of shards.
 """
 
 from __future__ import annotations
@@ -20,71 +25,151 @@ import torch
 from torch import Tensor
 
 from distmem.config import MemoryConfig
+from distmem.rules import ShardWrite
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_RECENT = ("recent_labels", "recent_slots", "recent_seqs")
 
 
-def state_to_table(config: MemoryConfig, state: dict[str, Tensor]) -> pa.Table:
-    keys = state["keys"].float().cpu().numpy()
-    n, d = keys.shape
-    meta = {
-        "format_version": FORMAT_VERSION, "config": config.to_dict(), "step": int(state.get("step", 0)),
-        "recent_labels": state.get("recent_labels", torch.empty(0, dtype=torch.int64)).tolist(),
-        "recent_slots": state.get("recent_slots", torch.empty(0, dtype=torch.int64)).tolist(),
-    }
-    table = pa.table({
-        "keys": pa.FixedSizeListArray.from_arrays(pa.array(keys.reshape(-1)), d),
-        "values": pa.array(state["values"].cpu().numpy()),
-        "ages": pa.array(state["ages"].cpu().numpy()),
-    })
-    return table.replace_schema_metadata({"distmem": json.dumps(meta)})
+def _keys_array(keys: Tensor) -> pa.Array:
+    flat = keys.detach().float().cpu().contiguous().numpy()
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
-def table_to_state(table: pa.Table, source: str = "table") -> tuple[MemoryConfig, dict[str, Tensor]]:
-    raw = (table.schema.metadata or {}).get(b"distmem")
-    if raw is None or not {"keys", "values", "ages"} <= set(table.column_names):
-        raise ValueError(f"{source}: not a distmem memory file (no 'distmem' metadata or missing columns)")
-    meta = json.loads(raw)
-    config = MemoryConfig.from_dict(meta["config"])
-    keys = table.column("keys").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    state = {
-        "keys": torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32).reshape(table.num_rows, -1).copy()),
-        "values": torch.from_numpy(table.column("values").to_numpy().astype(np.int64)),
-        "ages": torch.from_numpy(table.column("ages").to_numpy().astype(np.int64)),
-        "step": torch.tensor(int(meta["step"])),
-        "recent_labels": torch.tensor(meta["recent_labels"], dtype=torch.int64),
-        "recent_slots": torch.tensor(meta["recent_slots"], dtype=torch.int64),
-    }
-    return config, state
+def _keys_tensor(column: pa.ChunkedArray, rows: int) -> Tensor:
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(flat, dtype=np.float32).reshape(rows, column.type.list_size))
 
 
-def write_memory_file(path: str | PathLike, config: MemoryConfig, state: dict[str, Tensor]) -> None:
-    """Write atomically: a temporary file beside `path`, then a rename (a failed save leaves
-    any earlier file intact)."""
-    path = Path(path)
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename onto `path`: a failed write leaves the old file intact."""
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: folder {path.parent} does not exist")
-    table = state_to_table(config, state)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if path.suffix == ".parquet":
-            pq.write_table(table, tmp)
-        else:
-            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def read_memory_file(path: str | PathLike) -> tuple[MemoryConfig, dict[str, Tensor]]:
-    """Config and state from a file written by `write_memory_file`."""
-    path = Path(path)
+def _write_table(path: Path, table: pa.Table) -> None:
+    def write(tmp: Path) -> None:
+        if path.suffix == ".parquet":
+            pq.write_table(table, tmp)
+        else:
+            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+    _atomic_write(path, write)
+
+
+def _read_table(path: Path) -> pa.Table:
     if not path.is_file():
-        raise FileNotFoundError(f"path: memory file {path} does not exist")
+        raise FileNotFoundError(f"path: {path} does not exist")
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
+        return pq.read_table(path)
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+def write_memory_file(path: str | PathLike, config: MemoryConfig, state: dict[str, Tensor], lo: int = 0) -> None:
+    """Write the state of slots [lo, lo + n) (as `LocalMemory.state()` / `MemoryShard.state()`)."""
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "lo": lo,
+            "step": int(state.get("step", 0))}
+    for name in _RECENT:
+        if name in state:
+            meta[name] = state[name].tolist()
+    table = pa.table({"keys": _keys_array(state["keys"]), "values": pa.array(state["values"].cpu().numpy()),
+                      "ages": pa.array(state["ages"].cpu().numpy())})
+    _write_table(Path(path), table.replace_schema_metadata({"distmem": json.dumps(meta)}))
+
+
+def read_memory_file(path: str | PathLike) -> tuple[MemoryConfig, dict[str, Tensor], int]:
+    """(config, state of the file's slots, lo) from a file written by `write_memory_file`."""
+    table = _read_table(Path(path))
+    raw = (table.schema.metadata or {}).get(b"distmem")
+    if raw is None or not {"keys", "values", "ages"} <= set(table.column_names):
+        raise ValueError(f"path: {path} is not a distmem memory file (no 'distmem' metadata or missing columns)")
+    meta = json.loads(raw)
+    state = {"keys": _keys_tensor(table.column("keys"), table.num_rows),
+             "values": torch.from_numpy(table.column("values").to_numpy().astype(np.int64)),
+             "ages": torch.from_numpy(table.column("ages").to_numpy().astype(np.int64)),
+             "step": torch.tensor(int(meta["step"]))}
+    for name in _RECENT:
+        if name in meta:
+            state[name] = torch.tensor(meta[name], dtype=torch.int64)
+    return MemoryConfig.from_dict(meta["config"]), state, int(meta.get("lo", 0))
+
+
+def write_manifest(folder: str | PathLike, config: MemoryConfig, step: int, parts: list[tuple[str, int, int]]) -> None:
+    """Finish a checkpoint folder: the manifest names the part files (file, lo, hi)."""
+    body = json.dumps({"format_version": FORMAT_VERSION, "config": config.to_dict(), "step": step,
+                       "parts": [{"file": f, "lo": lo, "hi": hi} for f, lo, hi in parts]}, indent=1)
+    _atomic_write(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(body))
+
+
+def read_config(path: str | PathLike) -> MemoryConfig:
+    """The config stored in a memory file or checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"path: {path} has no {MANIFEST}; not a finished distmem checkpoint")
+        return MemoryConfig.from_dict(json.loads(manifest.read_text())["config"])
+    return read_memory_file(path)[0]
+
+
+def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, dict[str, Tensor]]:
+    """State of slots [lo, hi) from a memory file or a checkpoint folder (recent slots: those of
+    the range, global ids)."""
+    path = Path(path)
+    if path.is_dir():
+        config = read_config(path)
+        parts = [(path / p["file"], p["lo"], p["hi"]) for p in json.loads((path / MANIFEST).read_text())["parts"]]
+    elif path.is_file():
+        config, state, file_lo = read_memory_file(path)
+        parts = [(path, file_lo, file_lo + len(state["values"]))]
     else:
-        with pa.memory_map(str(path)) as source:
-            table = ipc.open_file(source).read_all()
-    return table_to_state(table, str(path))
+        raise FileNotFoundError(f"path: memory file or checkpoint folder {path} does not exist")
+    pieces, steps, covered = [], set(), lo
+    for file, p_lo, p_hi in sorted(parts, key=lambda p: p[1]):
+        if p_hi <= lo or p_lo >= hi:
+            continue
+        _, part, _ = read_memory_file(file)
+        a, b = max(lo, p_lo) - p_lo, min(hi, p_hi) - p_lo
+        if p_lo + a != covered:
+            break
+        covered = p_lo + b
+        steps.add(int(part["step"]))
+        piece = {name: part[name][a:b] for name in ("keys", "values", "ages")}
+        if "recent_slots" in part:
+            inside = (part["recent_slots"] >= lo) & (part["recent_slots"] < hi)
+            piece.update({name: part[name][inside] for name in _RECENT if name in part})
+        pieces.append(piece)
+    if covered != hi:
+        raise ValueError(f"path: {path} does not hold slots [{lo}, {hi}) (it covers up to {covered})")
+    if len(steps) != 1:
+        raise ValueError(f"path: {path} mixes parts from different steps {sorted(steps)}")
+    state = {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
+    state["step"] = torch.tensor(steps.pop())
+    return config, state
+
+
+def write_log_entry(path: str | PathLike, step: int, write: ShardWrite) -> None:
+    """One update of one shard, durable before the shard applies it."""
+    recent = pa.table({name: pa.array(getattr(write, name).cpu().numpy()) for name in _RECENT})
+    table = pa.table({"slots": pa.array(write.slots.cpu().numpy()), "keys": _keys_array(write.keys),
+                      "values": pa.array(write.values.cpu().numpy())})
+    meta = {"step": step, "recent": {name: recent.column(name).to_pylist() for name in _RECENT}}
+    _write_table(Path(path), table.replace_schema_metadata({"distmem_log": json.dumps(meta)}))
+
+
+def read_log_entry(path: str | PathLike) -> tuple[int, ShardWrite]:
+    table = _read_table(Path(path))
+    meta = json.loads(table.schema.metadata[b"distmem_log"])
+    recent = {name: torch.tensor(meta["recent"][name], dtype=torch.int64) for name in _RECENT}
+    write = ShardWrite(slots=torch.from_numpy(table.column("slots").to_numpy().astype(np.int64)),
+                       keys=_keys_tensor(table.column("keys"), table.num_rows),
+                       values=torch.from_numpy(table.column("values").to_numpy().astype(np.int64)), **recent)
+    return int(meta["step"]), write

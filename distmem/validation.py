@@ -48,12 +48,12 @@ def check_batch_fits(batch: int, config: MemoryConfig, name: str = "q") -> None:
                          f"a write needs batch <= size")
 
 
-def check_state(state: object, config: MemoryConfig) -> dict[str, Tensor]:
-    """A mapping with "keys" [N, d] float, "values" [N] int64 >= -1, "ages" [N] int64 >= 0, and
-    optionally "step" (int) and "recent_labels"/"recent_slots" [L] int64."""
+def check_state(state: object, n: int, d: int, lo: int = 0) -> dict[str, Tensor]:
+    """A mapping with "keys" [n, d] float, "values" [n] int64 >= -1, "ages" [n] int64 >= 0, and
+    optionally "step" (int) and "recent_labels"/"recent_slots"(/"recent_seqs") [L] int64, the
+    slots being global ids in [lo, lo + n)."""
     if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
         raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-    n, d = config.size, config.key_dim
     out: dict[str, Tensor] = {}
     for name in ("keys", "values", "ages"):
         if name not in state:
@@ -84,8 +84,14 @@ def check_state(state: object, config: MemoryConfig) -> dict[str, Tensor]:
         if (not isinstance(rl, Tensor) or not isinstance(rs, Tensor) or rl.dtype != torch.int64
                 or rs.dtype != torch.int64 or rl.dim() != 1 or rl.shape != rs.shape):
             raise ValueError("state['recent_labels'] and state['recent_slots'] must be int64 tensors [L]")
-        if rl.numel() and (rl.min() < 0 or rs.min() < 0 or rs.max() >= n or rl.unique().numel() != rl.numel()):
+        if rl.numel() and (rl.min() < 0 or rs.min() < lo or rs.max() >= lo + n
+                           or rl.unique().numel() != rl.numel()):
             raise ValueError(f"state['recent_labels'] must be distinct ids >= 0 and "
-                             f"state['recent_slots'] slot ids in [0, {n})")
+                             f"state['recent_slots'] slot ids in [{lo}, {lo + n})")
         out.update(recent_labels=rl, recent_slots=rs)
+        if "recent_seqs" in state:
+            seqs = state["recent_seqs"]
+            if not isinstance(seqs, Tensor) or seqs.dtype != torch.int64 or seqs.shape != rl.shape:
+                raise ValueError("state['recent_seqs'] must be an int64 tensor shaped like state['recent_labels']")
+            out["recent_seqs"] = seqs
     return out

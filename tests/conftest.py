@@ -22,3 +22,13 @@ def small_config() -> MemoryConfig:
 @pytest.fixture
 def small_memory(small_config) -> LocalMemory:
     return LocalMemory(small_config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (loopback only) for the whole session."""
+    import ray
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, namespace="distmem",
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

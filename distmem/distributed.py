@@ -1,0 +1,366 @@
+"""`ShardedMemory`: one memory partitioned over Ray actors. The only module that imports Ray.
+
+- Shard actors (`ShardActor`) are thin shells over `MemoryShard`, one contiguous slot range each,
+  one GPU each where the cluster has GPUs. They restart after a crash (`max_restarts`) from their
+  snapshot plus write log, and calls to them are retried (`max_task_retries`).
+- Readers call every shard at once and merge on the caller (`distmem.merge.read`).
+- A step's writes go through a named coordinator actor, which waits for all `num_writers` writers,
+  concatenates their batches in rank order, takes the globally oldest slots from the shards'
+  offers, plans the update and has every shard apply its part. A writer's `write` returns once the
+  whole step is applied, so its next read sees every write of earlier steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import torch
+from torch import Tensor
+
+from distmem import merge, storage
+from distmem.config import MemoryConfig
+from distmem.merge import MemoryRead, WriteRequest
+from distmem.rules import RecentSlots, ShardWrite
+from distmem.shard import MemoryShard
+
+NAMESPACE = "distmem"
+
+
+def shard_ranges(size: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous slot ranges [lo, hi) of near-equal size, in slot order."""
+    bounds = [size * i // num_shards for i in range(num_shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class ShardActor:
+    """Ray shell over `MemoryShard` (tensors in and out on the CPU)."""
+
+    def __init__(self, config: MemoryConfig, lo: int, hi: int, backend: str, device: str,
+                 storage_dir: str, snapshot_every: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        if backend == "faiss":
+            import faiss  # noqa: PLC0415
+            faiss.omp_set_num_threads(threads)
+        self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
+                                 storage_dir=storage_dir, snapshot_every=snapshot_every)
+
+    def search(self, queries: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        return {name: t.cpu() for name, t in self.shard.search(queries, labels).items()}
+
+    def weighted_keys(self, ids: Tensor, weights: Tensor) -> Tensor:
+        return self.shard.weighted_keys(ids, weights).cpu()
+
+    def oldest(self, step: int, count: int) -> tuple[Tensor, Tensor]:
+        scores, ids = self.shard.oldest(step, count)
+        return scores.cpu(), ids.cpu()
+
+    def apply(self, step: int, write: ShardWrite) -> bool:
+        return self.shard.apply(step, write)
+
+    def step(self) -> int:
+        return self.shard.step
+
+    def state(self) -> dict[str, Tensor]:
+        return self.shard.state()
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.shard.load_state(state)
+
+    def load_range(self, path: str) -> None:
+        self.shard.load_state(storage.read_range(path, self.shard.lo, self.shard.hi)[1])
+
+    def save_part(self, path: str) -> tuple[int, int, int]:
+        storage.write_memory_file(path, self.shard.config, self.shard.state(), lo=self.shard.lo)
+        return self.shard.lo, self.shard.hi, self.shard.step
+
+    def clear(self) -> None:
+        self.shard.clear()
+
+    def info(self) -> dict[str, Any]:
+        return {"lo": self.shard.lo, "hi": self.shard.hi, "step": self.shard.step, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id(), "device": str(self.shard.device)}
+
+
+class Coordinator:
+    """Async Ray actor: the memory's name, its shards, and the step barrier of the writers."""
+
+    def __init__(self, config: MemoryConfig, shards: list, ranges: list[tuple[int, int]], num_writers: int,
+                 write_timeout_s: float) -> None:
+        self.config, self.shards, self.ranges = config, shards, ranges
+        self.num_writers, self.write_timeout_s = num_writers, write_timeout_s
+        self.step = 0
+        self.pending: dict[int, WriteRequest] = {}
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+
+    async def resync(self) -> int:
+        """Take the step from the shards (after a restart, a load or a clear)."""
+        steps = set(await asyncio.gather(*[s.step.remote() for s in self.shards]))
+        if len(steps) != 1:
+            raise RuntimeError(f"shards disagree on the step: {sorted(steps)}")
+        self.step = steps.pop()
+        return self.step
+
+    def info(self) -> dict[str, Any]:
+        return {"config": self.config, "shards": self.shards, "ranges": self.ranges,
+                "num_writers": self.num_writers, "step": self.step}
+
+    async def write(self, step: int, rank: int, request: WriteRequest) -> int:
+        """Wait for every writer's request of `step`, then apply the step. Returns the new step."""
+        if step != self.step:
+            raise ValueError(f"read is stale: it was made at step {step}, the memory is at step {self.step}; "
+                             "read again")
+        if not 0 <= rank < self.num_writers or rank in self.pending:
+            raise ValueError(f"rank: expected a writer rank in [0, {self.num_writers}) not yet written "
+                             f"in step {step}, got {rank}")
+        self.pending[rank] = request
+        done = self.done
+        if len(self.pending) < self.num_writers:
+            try:
+                await asyncio.wait_for(done.wait(), self.write_timeout_s)
+            except asyncio.TimeoutError:
+                missing = sorted(set(range(self.num_writers)) - set(self.pending))
+                raise TimeoutError(f"step {step}: writers {missing} did not write within "
+                                   f"{self.write_timeout_s} s") from None
+            if self.error is not None:
+                raise self.error
+            return step + 1
+        requests = [self.pending[r] for r in range(self.num_writers)]
+        self.pending, self.done = {}, asyncio.Event()
+        try:
+            total = sum(len(r.labels) for r in requests)
+            if total > self.config.size:
+                raise ValueError(f"the writers' batches hold {total} examples but the memory has "
+                                 f"{self.config.size} slots")
+            offers = await asyncio.gather(*[s.oldest.remote(step, total) for s in self.shards])
+            oldest = merge.merge_oldest(offers, total)
+            writes = merge.plan_step(step, requests, oldest, self.ranges)
+            await asyncio.gather(*[s.apply.remote(step, w) for s, w in zip(self.shards, writes)])
+            self.step, self.error = step + 1, None
+        except BaseException as err:  # every writer of this step hears of it
+            self.error = err
+            raise
+        finally:
+            done.set()
+        return self.step
+
+
+def _ensure_ray(address: str | None) -> None:
+    """Join `address`, or start an embedded local Ray on 127.0.0.1 when there is none."""
+    if ray.is_initialized():
+        return
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
+                 configure_logging=False, log_to_driver=False)
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"address: no Ray cluster reachable at {address!r} ({err}); expected "
+                              "'host:port' of a running head node (ray start --head), or None for an "
+                              "embedded local Ray") from None
+    local = host in ("127.0.0.1", "localhost")
+    ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
+             **({"_node_ip_address": "127.0.0.1"} if local else {}))
+
+
+class ShardedMemory:
+    """The same interface and semantics as `LocalMemory`, with the slots on `num_shards` Ray actors.
+
+    Create it once (rank 0 of a job, or a driver), then attach from other writer processes with
+    `ShardedMemory.attach(name, rank)`. Every attached writer writes once per step.
+
+    backend: "torch" | "faiss" per shard. name: the memory's name in the cluster (default: a
+    fresh one). num_writers: writers per step. storage: folder for the shards' snapshots and write
+    logs (default: a new temporary folder; on a multi-node cluster use one every node reaches).
+    address: a Ray cluster to join; None starts (or reuses) a local Ray on 127.0.0.1.
+    """
+
+    def __init__(self, config: MemoryConfig, num_shards: int, backend: str = "torch", *, name: str | None = None,
+                 num_writers: int = 1, storage: str | PathLike | None = None, snapshot_every: int = 100,
+                 address: str | None = None, write_timeout_s: float = 600.0, detached: bool = False) -> None:
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= config.size:
+            raise ValueError(f"num_shards must be an int in [1, size={config.size}], got {num_shards!r}")
+        if isinstance(num_writers, bool) or not isinstance(num_writers, int) or num_writers < 1:
+            raise ValueError(f"num_writers must be an int >= 1, got {num_writers!r}")
+        if backend not in ("torch", "faiss"):
+            raise ValueError(f"backend must be one of ('torch', 'faiss'), got {backend!r}")
+        _ensure_ray(address)
+        name = name or f"memory-{os.getpid()}-{id(self):x}"
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"name: a memory called {name!r} already exists; attach to it with "
+                             f"ShardedMemory.attach({name!r}, rank) or pick another name")
+        root = Path(storage) if storage is not None else Path(tempfile.mkdtemp(prefix=f"distmem-{name}-"))
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus >= num_shards
+        threads = max(1, (os.cpu_count() or 1) // num_shards)
+        lifetime = {"lifetime": "detached"} if detached else {}
+        ranges = shard_ranges(config.size, num_shards)
+        actor = ray.remote(ShardActor).options(
+            num_gpus=1 if use_gpu else 0, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+            namespace=NAMESPACE, **lifetime)
+        shards = [actor.remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
+                               str(root / f"shard-{i:04d}"), snapshot_every, threads)
+                  for i, (lo, hi) in enumerate(ranges)]
+        ray.get([s.step.remote() for s in shards])  # surface construction errors here
+        coordinator = ray.remote(Coordinator).options(
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=1000, **lifetime
+        ).remote(config, shards, ranges, num_writers, write_timeout_s)
+        ray.get(coordinator.resync.remote())
+        self._connect(name, coordinator, rank=0)
+        self.storage = root
+
+    @classmethod
+    def attach(cls, name: str, rank: int, address: str | None = None) -> "ShardedMemory":
+        """Join the memory called `name` as writer `rank` (0 <= rank < num_writers)."""
+        _ensure_ray(address)
+        try:
+            coordinator = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            raise ValueError(f"name: no memory called {name!r} exists in this Ray cluster") from None
+        memory = cls.__new__(cls)
+        memory._connect(name, coordinator, rank)
+        memory.storage = None
+        return memory
+
+    def _connect(self, name: str, coordinator: Any, rank: int) -> None:
+        info = ray.get(coordinator.info.remote())
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < info["num_writers"]:
+            raise ValueError(f"rank must be an int in [0, {info['num_writers']}), got {rank!r}")
+        self.name, self.rank, self._coordinator = name, rank, coordinator
+        self.config: MemoryConfig = info["config"]
+        self.shards: list = info["shards"]
+        self.ranges: list[tuple[int, int]] = info["ranges"]
+        self.num_writers: int = info["num_writers"]
+
+    # -- read / write ----------------------------------------------------------------------------
+    def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
+        """As `LocalMemory.read`: one call per shard, issued to all shards at once."""
+        replies: list[dict[str, Tensor]] = []
+
+        def search(queries: Tensor, labels_: Tensor | None) -> list[dict[str, Tensor]]:
+            q_ref = ray.put(queries.cpu())
+            y_ref = ray.put(labels_.cpu()) if labels_ is not None else None
+            replies.extend(ray.get([s.search.remote(q_ref, y_ref) for s in self.shards]))
+            return replies
+
+        def weighted_keys(ids: Tensor, weights: Tensor) -> Tensor:
+            ids_ref, w_ref = ray.put(ids.cpu()), ray.put(weights.cpu())
+            return torch.stack(ray.get([s.weighted_keys.remote(ids_ref, w_ref) for s in self.shards])).sum(0)
+
+        result = merge.read(self.config, q, labels, search, weighted_keys, version=None)
+        steps = {int(r["step"]) for r in replies}
+        if len(steps) != 1:  # a management call (load, clear) ran during the read
+            raise RuntimeError(f"shards answered from different steps {sorted(steps)}; read again")
+        result.version = (self.name, steps.pop())
+        return result
+
+    def query(self, q: Tensor) -> MemoryRead:
+        """Read-only inference lookup (no labels, no loss, no recent-slot candidate)."""
+        return self.read(q)
+
+    def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
+        """Contribute this writer's batch to the current step; returns when the step is applied."""
+        request = merge.write_request(self.config, read, labels)
+        name, step = read.version
+        if name != self.name:
+            raise ValueError(f"read is stale: it was made by memory {name!r}, not {self.name!r}")
+        request = WriteRequest(**{k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in vars(request).items()})
+        ray.get(self._coordinator.write.remote(step, self.rank, request))
+
+    def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
+        """Read with labels, then write the batch (waits for the other writers of the step)."""
+        if labels is None:
+            raise ValueError("labels: step() needs labels [B]; use query() for inference")
+        result = self.read(q, labels)
+        self.write(result)
+        return result
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return int(ray.get(self.shards[0].step.remote()))
+
+    def state(self) -> dict[str, Tensor]:
+        """The whole memory on this process's CPU, as `LocalMemory.state()`."""
+        parts = ray.get([s.state.remote() for s in self.shards])
+        steps = {int(p["step"]) for p in parts}
+        if len(steps) != 1:
+            raise RuntimeError(f"shards are at different steps {sorted(steps)}; call state() between steps")
+        out = {name: torch.cat([p[name] for p in parts]) for name in ("keys", "values", "ages")}
+        out["step"] = parts[0]["step"]
+        recent = RecentSlots()  # the global R: each label's newest entry over all shards
+        recent.update(*(torch.cat([p[name] for p in parts]) for name in ("recent_labels", "recent_slots",
+                                                                          "recent_seqs")))
+        return {**out, **recent.state()}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the whole state (as `state()` returns). Checked whole before any shard changes."""
+        from distmem.validation import check_state  # noqa: PLC0415
+        checked = check_state(state, self.config.size, self.config.key_dim)
+        if "recent_seqs" not in checked and "recent_labels" in checked:  # same default order as a shard
+            slots = checked["recent_slots"]
+            step = int(checked["step"])
+            checked["recent_seqs"] = (max(step - 1, 0) << 32) | torch.argsort(torch.argsort(slots))
+        refs = []
+        for shard, (lo, hi) in zip(self.shards, self.ranges):
+            part = {name: checked[name][lo:hi] for name in ("keys", "values", "ages")}
+            part["step"] = checked["step"]
+            if "recent_labels" in checked:
+                inside = (checked["recent_slots"] >= lo) & (checked["recent_slots"] < hi)
+                part.update({n: checked[n][inside] for n in ("recent_labels", "recent_slots", "recent_seqs")})
+            refs.append(shard.load_state.remote(part))
+        ray.get(refs)
+        ray.get(self._coordinator.resync.remote())
+
+    def clear(self) -> None:
+        """Empty every slot of every shard."""
+        ray.get([s.clear.remote() for s in self.shards])
+        ray.get(self._coordinator.resync.remote())
+
+    def save(self, path: str | PathLike) -> None:
+        """A consistent checkpoint of all shards at one step: a folder with one part per shard and
+        a manifest. Loads into a memory with any number of shards (or a `LocalMemory`)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [f"part-{i:04d}-of-{len(self.shards):04d}.arrow" for i in range(len(self.shards))]
+        done = ray.get([s.save_part.remote(str(folder / f)) for s, f in zip(self.shards, files)])
+        steps = {step for _, _, step in done}
+        if len(steps) != 1:
+            raise RuntimeError(f"shards saved different steps {sorted(steps)}; save between steps")
+        storage.write_manifest(folder, self.config, steps.pop(), [(f, lo, hi) for f, (lo, hi, _) in zip(files, done)])
+
+    def load(self, path: str | PathLike) -> None:
+        """Load a checkpoint folder or memory file of a memory of the same size (any shard count)."""
+        config = storage.read_config(path)
+        if (config.size, config.key_dim) != (self.config.size, self.config.key_dim):
+            raise ValueError(f"path: {path} holds a memory of size={config.size}, key_dim={config.key_dim}; "
+                             f"this one has size={self.config.size}, key_dim={self.config.key_dim}")
+        ray.get([s.load_range.remote(str(Path(path).resolve())) for s in self.shards])
+        ray.get(self._coordinator.resync.remote())
+
+    def shutdown(self) -> None:
+        """Kill the shard and coordinator actors (the storage folder stays)."""
+        for actor in [*self.shards, self._coordinator]:
+            ray.kill(actor, no_restart=True)
+
+    def __repr__(self) -> str:
+        return (f"ShardedMemory(name={self.name!r}, size={self.config.size}, shards={len(self.shards)}, "
+                f"writers={self.num_writers}, rank={self.rank})")

@@ -1,0 +1,158 @@
+"""ShardedMemory on a real local Ray: equal to LocalMemory for any shard count and any number of
+writers, crash recovery, checkpoints across shard counts, and errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distmem import LocalMemory, MemoryConfig
+from conftest import state_equal, unit
+
+CFG = MemoryConfig(size=120, key_dim=8, k=9, age_noise=0.0)
+
+
+def batches(steps, writers, batch=6, seed=0, classes=15):
+    g = torch.Generator().manual_seed(seed)
+    return [[(unit(batch, CFG.key_dim, seed=1000 * seed + 10 * s + w), torch.randint(0, classes, (batch,), generator=g))
+             for w in range(writers)] for s in range(steps)]
+
+
+def local_run(stream, config=CFG):
+    local = LocalMemory(config, device="cpu")
+    results = [local.step(torch.cat([q for q, _ in step]), torch.cat([y for _, y in step])) for step in stream]
+    return local, results
+
+
+@pytest.fixture(scope="module")
+def sharded_cls(ray_local):
+    from distmem import ShardedMemory
+    return ShardedMemory
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 4])
+def test_equals_local_memory(sharded_cls, num_shards):
+    cfg = MemoryConfig(size=120, key_dim=8, k=9, age_noise=8.0, seed=5)  # the counter-based noise is shard-exact
+    stream = batches(10, 1)
+    local, expected = local_run(stream, cfg)
+    mem = sharded_cls(cfg, num_shards)
+    grad = 0.0
+    try:
+        for (q, y), want in zip((s[0] for s in stream), expected):
+            q = q.clone().requires_grad_()
+            got = mem.step(q, y)
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+            assert torch.allclose(got.loss, want.loss) and torch.allclose(got.confidence, want.confidence)
+            (got.loss + got.confidence.sum()).backward()
+            grad += q.grad.abs().sum().item()
+        assert grad > 0
+        assert state_equal(mem.state(), local.state())
+        assert [(lo, hi) for lo, hi in mem.ranges] == [(120 * i // num_shards, 120 * (i + 1) // num_shards)
+                                                       for i in range(num_shards)]
+    finally:
+        mem.shutdown()
+
+
+@pytest.mark.parametrize("writers", [2, 3])
+def test_data_parallel_writers_equal_one_writer_with_concatenated_batches(sharded_cls, ray_local, writers):
+    ray = ray_local
+    stream = batches(6, writers, seed=writers)
+    local, expected = local_run(stream)
+    mem = sharded_cls(CFG, 2, name=f"dp-{writers}", num_writers=writers)
+
+    @ray.remote(num_cpus=0)
+    def writer(name, rank, my_batches):
+        from distmem import ShardedMemory
+        memory = ShardedMemory.attach(name, rank)
+        return [memory.step(q, y).ids for q, y in my_batches]
+
+    try:
+        futures = [writer.remote(mem.name, r, [step[r] for step in stream]) for r in range(1, writers)]
+        mine = [mem.step(*step[0]).ids for step in stream]  # this process is rank 0
+        ids = [mine] + ray.get(futures)
+        for t, want in enumerate(expected):  # reads of step t saw every write of earlier steps
+            assert torch.equal(torch.cat([ids[r][t] for r in range(writers)]), want.ids)
+        assert state_equal(mem.state(), local.state())
+    finally:
+        mem.shutdown()
+
+
+def test_killed_shard_restarts_from_snapshot_and_log(sharded_cls, ray_local, tmp_path):
+    ray = ray_local
+    stream = batches(12, 1, seed=7)
+    local, expected = local_run(stream)
+    mem = sharded_cls(CFG, 3, storage=tmp_path, snapshot_every=4)
+    try:
+        for t, (step, want) in enumerate(zip(stream, expected)):
+            if t in (4, 7):  # right after a snapshot, and between snapshots (log replay)
+                before = ray.get(mem.shards[1].info.remote())["pid"]
+                ray.kill(mem.shards[1], no_restart=False)
+            got = mem.step(*step[0])  # calls to the restarting shard are retried
+            assert torch.equal(got.ids, want.ids), t
+        assert ray.get(mem.shards[1].info.remote())["pid"] != before
+        assert state_equal(mem.state(), local.state())
+    finally:
+        mem.shutdown()
+
+
+def test_checkpoint_loads_into_other_shard_counts(sharded_cls, tmp_path):
+    stream = batches(6, 1, seed=3)
+    two = sharded_cls(CFG, 2)
+    three = sharded_cls(CFG, 3)
+    try:
+        for step in stream:
+            two.step(*step[0])
+        two.save(tmp_path / "ckpt")
+        three.load(tmp_path / "ckpt")
+        local = LocalMemory.from_file(tmp_path / "ckpt", device="cpu")
+        assert state_equal(three.state(), two.state()) and state_equal(local.state(), two.state())
+        for step in batches(3, 1, seed=4):  # all three continue identically
+            a, b, c = two.step(*step[0]), three.step(*step[0]), local.step(*step[0])
+            assert torch.equal(a.ids, b.ids) and torch.equal(a.ids, c.ids)
+        assert state_equal(three.state(), local.state())
+        local.save(tmp_path / "local.arrow")  # and a LocalMemory file loads into shards
+        two.load(tmp_path / "local.arrow")
+        assert state_equal(two.state(), local.state())
+    finally:
+        two.shutdown()
+        three.shutdown()
+
+
+def test_errors_and_bad_input_leave_memory_unchanged(sharded_cls):
+    from distmem import ShardedMemory
+    with pytest.raises(ValueError, match="num_shards"):
+        ShardedMemory(MemoryConfig(size=4, key_dim=2, k=2), 5)
+    with pytest.raises(ValueError, match="no memory called 'nope'"):
+        ShardedMemory.attach("nope", 0)
+    mem = sharded_cls(CFG, 2, name="errors")
+    try:
+        with pytest.raises(ValueError, match="already exists"):
+            sharded_cls(CFG, 2, name="errors")
+        with pytest.raises(ValueError, match="rank"):
+            ShardedMemory.attach("errors", 1)
+        mem.step(unit(4, 8), torch.arange(4))
+        before = mem.state()
+        with pytest.raises(ValueError, match="shape"):
+            mem.step(unit(4, 7), torch.arange(4))
+        with pytest.raises(ValueError, match="labels"):
+            mem.step(unit(4, 8), torch.tensor([0, 1, -1, 2]))
+        with pytest.raises(ValueError, match="batch"):
+            mem.step(unit(121, 8), torch.zeros(121, dtype=torch.int64))
+        stale = mem.read(unit(4, 8), torch.arange(4))
+        with pytest.raises(ValueError, match="state"):
+            mem.load_state({**before, "values": before["values"][:3]})
+        assert state_equal(mem.state(), before)
+        mem.write(stale)
+        with pytest.raises(ValueError, match="stale"):
+            mem.write(stale)
+    finally:
+        mem.shutdown()
+
+
+def test_unreachable_cluster_is_a_clear_error():
+    code = ("from distmem import ShardedMemory, MemoryConfig\n"
+            "ShardedMemory(MemoryConfig(size=8, key_dim=2, k=2), 2, address='127.0.0.1:9')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "ConnectionError: address: no Ray cluster reachable at '127.0.0.1:9'" in out.stderr
