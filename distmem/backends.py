@@ -136,8 +136,6 @@ class FaissBackend:
         return torch.from_numpy(sims), torch.from_numpy(ids)
 
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        if keys.dtype != torch.float32:
-            raise ValueError(f"backend='faiss' needs float32 keys, got key_dtype {keys.dtype}")
         n = keys.shape[0]
         extra = min(k + 1, n)  # one more than asked, to see ties at the boundary
         sims, ids = self._knn(keys, queries, extra)

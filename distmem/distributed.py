@@ -71,10 +71,10 @@ class ShardActor:
         return self.shard.state()
 
     def load_state(self, state: dict[str, Tensor]) -> None:
-        self.shard.load_state(state)
+        self.shard.load_state(state, copy=False)  # a deserialised copy that only this call holds
 
     def load_range(self, path: str) -> None:
-        self.shard.load_state(storage.read_range(path, self.shard.lo, self.shard.hi)[1])
+        self.shard.load_state(storage.read_range(path, self.shard.lo, self.shard.hi)[1], copy=False)
 
     def save_part(self, path: str) -> tuple[int, int, int]:
         storage.write_memory_file(path, self.shard.config, self.shard.state(), lo=self.shard.lo)
@@ -150,6 +150,19 @@ class Coordinator:
         finally:
             done.set()
         return self.step
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a message (a tensor, a dict or dataclass of them, or a list)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return _nbytes(vars(obj))
+    return 0
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -249,6 +262,7 @@ class ShardedMemory:
         self.shards: list = info["shards"]
         self.ranges: list[tuple[int, int]] = info["ranges"]
         self.num_writers: int = info["num_writers"]
+        self.traffic: dict[str, int] = {"read_bytes": 0, "write_bytes": 0}  # tensor bytes of the last read / write
 
     # -- read / write ----------------------------------------------------------------------------
     def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
@@ -259,11 +273,14 @@ class ShardedMemory:
             q_ref = ray.put(queries.cpu())
             y_ref = ray.put(labels_.cpu()) if labels_ is not None else None
             replies.extend(ray.get([s.search.remote(q_ref, y_ref) for s in self.shards]))
+            self.traffic["read_bytes"] = len(self.shards) * _nbytes([queries, labels_]) + _nbytes(replies)
             return replies
 
         def weighted_keys(ids: Tensor, weights: Tensor) -> Tensor:
             ids_ref, w_ref = ray.put(ids.cpu()), ray.put(weights.cpu())
-            return torch.stack(ray.get([s.weighted_keys.remote(ids_ref, w_ref) for s in self.shards])).sum(0)
+            parts = ray.get([s.weighted_keys.remote(ids_ref, w_ref) for s in self.shards])
+            self.traffic["read_bytes"] += len(self.shards) * _nbytes([ids, weights]) + _nbytes(parts)
+            return torch.stack(parts).sum(0)
 
         result = merge.read(self.config, q, labels, search, weighted_keys, version=None)
         steps = {int(r["step"]) for r in replies}
@@ -283,6 +300,8 @@ class ShardedMemory:
         if name != self.name:
             raise ValueError(f"read is stale: it was made by memory {name!r}, not {self.name!r}")
         request = WriteRequest(**{k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in vars(request).items()})
+        # to the coordinator, then about as much again on to the shards
+        self.traffic["write_bytes"] = 2 * _nbytes(request)
         ray.get(self._coordinator.write.remote(step, self.rank, request))
 
     def step(self, q: Tensor, labels: Tensor) -> MemoryRead:

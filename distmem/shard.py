@@ -34,6 +34,8 @@ class MemoryShard:
                  snapshot_every: int = 100) -> None:
         if not 0 <= lo < hi <= config.size:
             raise ValueError(f"shard range [{lo}, {hi}) must lie inside [0, {config.size}) and be non-empty")
+        if backend == "faiss" and config.key_dtype != "float32":
+            raise ValueError(f"key_dtype={config.key_dtype!r} needs backend='torch'; faiss searches float32 keys")
         self.config, self.lo, self.hi, self.n = config, lo, hi, hi - lo
         self.device = torch.device(device)
         self.backend = make_backend(backend, self.device, config.chunk_size)
@@ -57,18 +59,24 @@ class MemoryShard:
             self._drop_logs()
             (self.storage_dir / "snapshot.arrow").unlink(missing_ok=True)
 
-    def state(self) -> dict[str, Tensor]:
-        """CPU copies: keys [n, d], values [n], ages [n], step, recent_labels/slots/seqs [L]."""
-        return {"keys": self.keys.cpu().clone(), "values": self.values.cpu().clone(),
+    def state(self, copy: bool = True) -> dict[str, Tensor]:
+        """On the CPU: keys [n, d], values [n], ages [n], step, recent_labels/slots/seqs [L].
+        copy=False may return views of the live tensors (for writing them out at once)."""
+        keys, values = self.keys.cpu(), self.values.cpu()
+        return {"keys": keys.clone() if copy else keys, "values": values.clone() if copy else values,
                 "ages": (self.step - self.last_write).cpu(), "step": torch.tensor(self.step),
                 **self.recent.state()}
 
-    def load_state(self, state: dict[str, Tensor], persist: bool = True) -> None:
+    def load_state(self, state: dict[str, Tensor], persist: bool = True, copy: bool = True) -> None:
         """Replace the state of this range: keys [n, d], values [n], ages [n], step; recent_* with
-        global slot ids in [lo, hi) (recent_seqs optional)."""
+        global slot ids in [lo, hi) (recent_seqs optional). copy=False adopts the given tensors
+        where it can (the caller gives them up), which spares a copy of the keys."""
         checked = check_state(state, self.n, self.config.key_dim, lo=self.lo)
         step = int(checked["step"])
-        self.keys = checked["keys"].to(self.device, DTYPES[self.config.key_dtype]).clone()
+        keys = checked["keys"].to(self.device, DTYPES[self.config.key_dtype])
+        if copy and keys is checked["keys"]:  # never alias the caller's tensor
+            keys = keys.clone()
+        self.keys = keys.contiguous()
         self.values = checked["values"].to(self.device).clone()
         self.last_write = step - checked["ages"].to(self.device)
         self.step = step
@@ -166,7 +174,8 @@ class MemoryShard:
     def _snapshot(self) -> None:
         if self.storage_dir is None:
             return
-        storage.write_memory_file(self.storage_dir / "snapshot.arrow", self.config, self.state(), lo=self.lo)
+        storage.write_memory_file(self.storage_dir / "snapshot.arrow", self.config, self.state(copy=False),
+                                  lo=self.lo)
         self._drop_logs()
 
     def _drop_logs(self) -> None:
@@ -178,7 +187,7 @@ class MemoryShard:
         snapshot = self.storage_dir / "snapshot.arrow"
         if snapshot.exists():
             _, state, _ = storage.read_memory_file(snapshot)
-            self.load_state(state, persist=False)
+            self.load_state(state, persist=False, copy=False)
         for log in sorted(self.storage_dir.glob("log-*.arrow")):
             step, write = storage.read_log_entry(log)
             if step == self.step:

@@ -61,3 +61,20 @@ def test_ordered_topk_breaks_ties_by_lower_index():
     scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0]])
     vals, idx = ordered_topk(scores, 3)
     assert idx.tolist() == [[1, 2, 4]] and vals.tolist() == [[3.0, 3.0, 3.0]]
+
+
+@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
+def test_half_precision_keys(key_dtype):
+    from distmem import LocalMemory, MemoryConfig
+    cfg = MemoryConfig(size=400, key_dim=16, k=5, age_noise=0.0, key_dtype=key_dtype)
+    mem = LocalMemory(cfg, device="cpu")
+    assert mem.keys.dtype == getattr(torch, key_dtype) and mem.keys.element_size() == 2
+    protos = unit(40, 16, seed=3)  # well separated classes: half precision finds the same neighbours
+    mem.step(protos, torch.arange(40))
+    noisy = torch.nn.functional.normalize(protos + 0.05 * unit(40, 16, seed=4), dim=1)
+    r = mem.step(noisy, torch.arange(40))
+    assert torch.equal(r.prediction, torch.arange(40))
+    state = mem.state()
+    assert state["keys"].dtype == getattr(torch, key_dtype)
+    with pytest.raises(ValueError, match="needs backend='torch'"):
+        LocalMemory(cfg, backend="faiss", device="cpu")
