@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distmem import rules, storage
@@ -123,11 +124,7 @@ class MemoryShard:
         weights = torch.where(mine, weights, 0.0)
         if self.keys.dtype != torch.float32:  # small gather instead of a float copy of every key
             return (weights.unsqueeze(2) * self.keys[local].float()).sum(1)
-        b, k = ids.shape
-        rows = torch.arange(b, device=self.device).repeat_interleave(k)
-        matrix = torch.sparse_coo_tensor(torch.stack([rows, local.reshape(-1)]), weights.reshape(-1),
-                                         (b, self.n), is_coalesced=False, check_invariants=False)
-        return torch.sparse.mm(matrix, self.keys)
+        return F.embedding_bag(local, self.keys, per_sample_weights=weights.float(), mode="sum")
 
     def _key(self, local_ids: Tensor) -> Tensor:
         return self.keys[local_ids].float()

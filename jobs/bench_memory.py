@@ -3,8 +3,8 @@
     python -m jobs.bench_memory                      # N=1M, d=128, B=1024, k=256 on CPU
     python -m jobs.bench_memory --device cuda        # the same on a GPU
 
-Prints the median time of each and the ratio step / bare search, measured side by side in one
-process on the same batch. `--out FILE` also writes the figures as JSON.
+Prints the median time of each and the median over rounds of the ratio step / bare search; each
+round times every line once, in one process on the same batch, so drift of the machine cancels. `--out FILE` also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--k", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds")
     p.add_argument("--backends", default="torch,faiss")
     p.add_argument("--device", default="cpu")
     p.add_argument("--key-dtype", default="float32")
@@ -66,30 +66,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     index = faiss.IndexFlatIP(args.dim)
     index.add(state["keys"].numpy())
-    xq = q.numpy()
-    index.search(xq, args.k)  # warm-up
-    bare = median_time(lambda: index.search(xq, args.k), args.repeats, sync=False)
-    del index
-    keys_np = state["keys"].numpy()
-    bare_knn = median_time(lambda: faiss.knn(xq, keys_np, args.k, metric=faiss.METRIC_INNER_PRODUCT),
-                           args.repeats, sync=False)
-    print(f"N={args.size:,} d={args.dim} B={args.batch} k={args.k} threads={torch.get_num_threads()} "
-          f"device={device}")
-    print(f"{'bare faiss IndexFlatIP.search':<34} {bare * 1e3:9.1f} ms   ratio 1.00")
-    print(f"{'bare faiss.knn (brute-force kernel)':<34} {bare_knn * 1e3:9.1f} ms   ratio {bare_knn / bare:.2f}")
-    results = {"config": vars(args), "bare_faiss_search_s": bare, "bare_faiss_knn_s": bare_knn, "backends": {}}
+    xq, keys_np = q.numpy(), state["keys"].numpy()
+    runs = {"bare faiss IndexFlatIP.search": lambda: index.search(xq, args.k),
+            "bare faiss.knn (its kernel)": lambda: faiss.knn(xq, keys_np, args.k, metric=faiss.METRIC_INNER_PRODUCT)}
+    memories = {}
     for name in args.backends.split(","):
         cfg = MemoryConfig(size=args.size, key_dim=args.dim, k=args.k, key_dtype=args.key_dtype)
-        memory = LocalMemory(cfg, backend=name, device=device)
-        memory.load_state(state)
+        memories[name] = LocalMemory(cfg, backend=name, device=device)
+        memories[name].load_state(state)
         qd, yd = q.to(device), labels.to(device)
-        memory.step(qd, yd)  # warm-up
-        step = median_time(lambda: memory.step(qd, yd), args.repeats, sync)
-        read = median_time(lambda: memory.read(qd, yd), args.repeats, sync)
-        results["backends"][name] = {"step_s": step, "read_s": read, "ratio_to_bare_faiss": step / bare}
-        print(f"{'LocalMemory.step backend=' + name:<34} {step * 1e3:9.1f} ms   ratio {step / bare:.2f}"
-              f"   (read alone {read * 1e3:.1f} ms)")
-        del memory
+        runs[f"LocalMemory.step backend={name}"] = lambda m=memories[name], qd=qd, yd=yd: m.step(qd, yd)
+    print(f"N={args.size:,} d={args.dim} B={args.batch} k={args.k} threads={torch.get_num_threads()} "
+          f"device={device} rounds={args.repeats} (each round times every line once)")
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(median_time(fn, 1, sync))
+    base = times["bare faiss IndexFlatIP.search"]
+    results = {"config": vars(args), "runs": {}}
+    for name, ts in times.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        results["runs"][name] = {"median_s": statistics.median(ts), "ratio_to_bare_faiss": ratio, "times_s": ts}
+        print(f"{name:<36} {statistics.median(ts) * 1e3:9.1f} ms   ratio {ratio:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
