@@ -16,10 +16,12 @@ import asyncio
 import os
 import socket
 import tempfile
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import ray
 import torch
 from torch import Tensor
@@ -31,6 +33,34 @@ from distmem.rules import RecentSlots, ShardWrite
 from distmem.shard import MemoryShard
 
 NAMESPACE = "distmem"
+
+
+def _wire(obj: Any) -> Any:
+    """Tensors -> numpy for a hot-path Ray message (Ray deserialises numpy without a copy)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _wire(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_wire(v) for v in obj)
+    if isinstance(obj, (ShardWrite, WriteRequest)):
+        return type(obj)(**_wire(vars(obj)))
+    return obj
+
+
+def _unwire(obj: Any) -> Any:
+    """The inverse of `_wire`: numpy -> (read-only, never written) tensors."""
+    if isinstance(obj, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _unwire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwire(v) for v in obj)
+    if isinstance(obj, (ShardWrite, WriteRequest)):
+        return type(obj)(**_unwire(vars(obj)))
+    return obj
 
 
 def shard_ranges(size: int, num_shards: int) -> list[tuple[int, int]]:
@@ -51,18 +81,18 @@ class ShardActor:
         self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
                                  storage_dir=storage_dir, snapshot_every=snapshot_every)
 
-    def search(self, queries: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
-        return {name: t.cpu() for name, t in self.shard.search(queries, labels).items()}
+    # hot path: numpy over the wire
+    def search(self, queries: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+        return _wire(self.shard.search(_unwire(queries), _unwire(labels)))
 
-    def weighted_keys(self, ids: Tensor, weights: Tensor) -> Tensor:
-        return self.shard.weighted_keys(ids, weights).cpu()
+    def weighted_keys(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return _wire(self.shard.weighted_keys(_unwire(ids), _unwire(weights)))
 
-    def oldest(self, step: int, count: int) -> tuple[Tensor, Tensor]:
-        scores, ids = self.shard.oldest(step, count)
-        return scores.cpu(), ids.cpu()
+    def oldest(self, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        return _wire(self.shard.oldest(step, count))
 
     def apply(self, step: int, write: ShardWrite) -> bool:
-        return self.shard.apply(step, write)
+        return self.shard.apply(step, _unwire(write))
 
     def step(self) -> int:
         return self.shard.step
@@ -139,10 +169,10 @@ class Coordinator:
             if total > self.config.size:
                 raise ValueError(f"the writers' batches hold {total} examples but the memory has "
                                  f"{self.config.size} slots")
-            offers = await asyncio.gather(*[s.oldest.remote(step, total) for s in self.shards])
+            offers = _unwire(await asyncio.gather(*[s.oldest.remote(step, total) for s in self.shards]))
             oldest = merge.merge_oldest(offers, total)
-            writes = merge.plan_step(step, requests, oldest, self.ranges)
-            await asyncio.gather(*[s.apply.remote(step, w) for s, w in zip(self.shards, writes)])
+            writes = merge.plan_step(step, [_unwire(r) for r in requests], oldest, self.ranges)
+            await asyncio.gather(*[s.apply.remote(step, _wire(w)) for s, w in zip(self.shards, writes)])
             self.step, self.error = step + 1, None
         except BaseException as err:  # every writer of this step hears of it
             self.error = err
@@ -270,15 +300,14 @@ class ShardedMemory:
         replies: list[dict[str, Tensor]] = []
 
         def search(queries: Tensor, labels_: Tensor | None) -> list[dict[str, Tensor]]:
-            q_ref = ray.put(queries.cpu())
-            y_ref = ray.put(labels_.cpu()) if labels_ is not None else None
-            replies.extend(ray.get([s.search.remote(q_ref, y_ref) for s in self.shards]))
+            q_ref, y_ref = ray.put(_wire(queries)), ray.put(_wire(labels_))
+            replies.extend(_unwire(ray.get([s.search.remote(q_ref, y_ref) for s in self.shards])))
             self.traffic["read_bytes"] = len(self.shards) * _nbytes([queries, labels_]) + _nbytes(replies)
             return replies
 
         def weighted_keys(ids: Tensor, weights: Tensor) -> Tensor:
-            ids_ref, w_ref = ray.put(ids.cpu()), ray.put(weights.cpu())
-            parts = ray.get([s.weighted_keys.remote(ids_ref, w_ref) for s in self.shards])
+            ids_ref, w_ref = ray.put(_wire(ids)), ray.put(_wire(weights))
+            parts = _unwire(ray.get([s.weighted_keys.remote(ids_ref, w_ref) for s in self.shards]))
             self.traffic["read_bytes"] += len(self.shards) * _nbytes([ids, weights]) + _nbytes(parts)
             return torch.stack(parts).sum(0)
 
@@ -299,10 +328,9 @@ class ShardedMemory:
         name, step = read.version
         if name != self.name:
             raise ValueError(f"read is stale: it was made by memory {name!r}, not {self.name!r}")
-        request = WriteRequest(**{k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in vars(request).items()})
         # to the coordinator, then about as much again on to the shards
         self.traffic["write_bytes"] = 2 * _nbytes(request)
-        ray.get(self._coordinator.write.remote(step, self.rank, request))
+        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request)))
 
     def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
         """Read with labels, then write the batch (waits for the other writers of the step)."""
