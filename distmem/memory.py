@@ -21,7 +21,26 @@ from distmem.shard import MemoryShard
 _token = itertools.count()
 
 
-class LocalMemory:
+class MemoryBase:
+    """`query` and `step` in terms of `read` and `write`, shared by `LocalMemory` and its sharded twin."""
+
+    def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
+        raise NotImplementedError
+
+    def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
+        raise NotImplementedError
+
+    def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
+        """Read with labels, then write the batch: one training step of the memory (a sharded
+        memory's step returns once every writer's batch of the step is applied)."""
+        if labels is None:
+            raise ValueError("labels: step() needs labels [B]; use query() for inference")
+        result = self.read(q, labels)
+        self.write(result)
+        return result
+
+
+class LocalMemory(MemoryBase):
     """An in-process memory: keys [N, d], values [N] (-1 = empty), ages [N], recent label -> slot.
 
     backend: "torch" (exact, chunked; CPU or CUDA) or "faiss" (flat inner product; CPU, or CUDA
@@ -116,14 +135,6 @@ class LocalMemory:
         (shard_write,) = merge.plan_step(step, [request], oldest, [(0, self.config.size)])
         self.shard.apply(step, shard_write)
         self._version += 1
-
-    def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
-        """Read with labels, then write the batch: one training step of the memory."""
-        if labels is None:
-            raise ValueError("labels: step() needs labels [B]; use query() for inference")
-        result = self.read(q, labels)
-        self.write(result)
-        return result
 
     def __repr__(self) -> str:
         return (f"LocalMemory(size={self.config.size}, key_dim={self.config.key_dim}, k={self.config.k}, "

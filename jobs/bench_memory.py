@@ -34,6 +34,26 @@ def median_time(fn: Callable[[], object], repeats: int, sync: bool) -> float:
     return statistics.median(times)
 
 
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int, sync: bool = False) -> dict[str, dict]:
+    """Time every run once per round, after one warm-up each. Returns per run the median time and
+    the median over rounds of its ratio to the first run (so drift of the machine cancels)."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(median_time(fn, 1, sync))
+    base = next(iter(times.values()))
+    return {name: {"median_s": statistics.median(ts), "ratio": statistics.median(t / b for t, b in zip(ts, base)),
+                   "times_s": ts} for name, ts in times.items()}
+
+
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def filled_state(size: int, dim: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
     """A full memory of random unit keys: the steady state of a long run."""
     g = torch.Generator().manual_seed(seed)
@@ -78,21 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
         runs[f"LocalMemory.step backend={name}"] = lambda m=memories[name], qd=qd, yd=yd: m.step(qd, yd)
     print(f"N={args.size:,} d={args.dim} B={args.batch} k={args.k} threads={torch.get_num_threads()} "
           f"device={device} rounds={args.repeats} (each round times every line once)")
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(median_time(fn, 1, sync))
-    base = times["bare faiss IndexFlatIP.search"]
-    results = {"config": vars(args), "runs": {}}
-    for name, ts in times.items():
-        ratio = statistics.median(t / b for t, b in zip(ts, base))
-        results["runs"][name] = {"median_s": statistics.median(ts), "ratio_to_bare_faiss": ratio, "times_s": ts}
-        print(f"{name:<36} {statistics.median(ts) * 1e3:9.1f} ms   ratio {ratio:.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    results = {"config": vars(args), "runs": interleaved(runs, args.repeats, sync)}
+    for name, row in results["runs"].items():
+        print(f"{name:<36} {row['median_s'] * 1e3:9.1f} ms   ratio {row['ratio']:.2f}")
+    write_json(args.out, results)
     return results
 
 

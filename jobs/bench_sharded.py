@@ -12,17 +12,15 @@ drift of the machine cancels. `--out FILE` writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 
 import ray
 import torch
 import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig, ShardedMemory
-from jobs.bench_memory import filled_state
+from jobs.bench_memory import filled_state, interleaved, median_time, write_json
 
 
 def rss_gib(pids: list[int]) -> dict[str, float]:
@@ -43,9 +41,7 @@ def set_threads(n: int) -> None:
 
 
 def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return median_time(fn, 1, sync=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,17 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {f"LocalMemory ({threads} threads)": lambda: local.step(q, labels),
             "LocalMemory (1 thread)": local_one_thread,
             **{f"ShardedMemory x{n}": (lambda m=m: m.step(q, labels)) for n, m in sharded.items()}}
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    base_name = next(iter(runs))
-    results: dict = {"config": vars(args), "runs": {}}
-    for name in runs:
-        ratio = statistics.median(t / b for t, b in zip(times[name], times[base_name]))
-        row = {"median_step_s": statistics.median(times[name]), "ratio_to_local": ratio, "steps_s": times[name]}
+    results: dict = {"config": vars(args), "runs": interleaved(runs, args.rounds)}
+    for name, row in results["runs"].items():
         extra = ""
         if name.startswith("ShardedMemory"):
             traffic = sharded[int(name.split("x")[1])].traffic
@@ -106,11 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
             moved = traffic["read_bytes"] + traffic["write_bytes"]
             extra = (f"   moved {moved / 2**20:5.1f} MiB/step (read {traffic['read_bytes'] / 2**20:.1f}, "
                      f"write {traffic['write_bytes'] / 2**20:.1f})")
-        results["runs"][name] = row
-        print(f"{name:<26} step {row['median_step_s'] * 1e3:8.1f} ms   ratio {ratio:.2f}{extra}")
+        print(f"{name:<26} step {row['median_s'] * 1e3:8.1f} ms   ratio {row['ratio']:.2f}{extra}")
     for m in sharded.values():
         m.shutdown()
-    del local
+    local = None  # free its keys before the scale run
 
     if args.scale_size:
         big = MemoryConfig(size=args.scale_size, key_dim=args.dim, k=args.k)
@@ -136,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"processes: private {rss['private']:.2f} GiB (idle processes {idle['private']:.2f} GiB, so "
               f"{memory:.2f} GiB = {memory / raw:.2f}x raw for the memory), plus {rss['shared']:.2f} GiB of "
               f"mapped object-store pages")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.out, results)
     return results
 
 

@@ -1,4 +1,4 @@
-"""`ShardedMemory`: one memory partitioned over Ray actors. The only module that imports Ray.
+"""`ShardedMemory`: one memory partitioned over Ray actors.
 
 - Shard actors (`ShardActor`) are thin shells over `MemoryShard`, one contiguous slot range each,
   one GPU each where the cluster has GPUs. They restart after a crash (`max_restarts`) from their
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from distmem import merge, storage
 from distmem.config import MemoryConfig
+from distmem.memory import MemoryBase
 from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
 from distmem.shard import MemoryShard
@@ -218,7 +219,7 @@ def _ensure_ray(address: str | None) -> None:
              **({"_node_ip_address": "127.0.0.1"} if local else {}))
 
 
-class ShardedMemory:
+class ShardedMemory(MemoryBase):
     """The same interface and semantics as `LocalMemory`, with the slots on `num_shards` Ray actors.
 
     Create it once (rank 0 of a job, or a driver), then attach from other writer processes with
@@ -318,10 +319,6 @@ class ShardedMemory:
         result.version = (self.name, steps.pop())
         return result
 
-    def query(self, q: Tensor) -> MemoryRead:
-        """Read-only inference lookup (no labels, no loss, no recent-slot candidate)."""
-        return self.read(q)
-
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         """Contribute this writer's batch to the current step; returns when the step is applied."""
         request = merge.write_request(self.config, read, labels)
@@ -331,14 +328,6 @@ class ShardedMemory:
         # to the coordinator, then about as much again on to the shards
         self.traffic["write_bytes"] = 2 * _nbytes(request)
         ray.get(self._coordinator.write.remote(step, self.rank, _wire(request)))
-
-    def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
-        """Read with labels, then write the batch (waits for the other writers of the step)."""
-        if labels is None:
-            raise ValueError("labels: step() needs labels [B]; use query() for inference")
-        result = self.read(q, labels)
-        self.write(result)
-        return result
 
     # -- state -----------------------------------------------------------------------------------
     @property

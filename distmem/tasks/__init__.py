@@ -1,0 +1,1 @@
+"""Tasks: data sampling, training steps and evaluation protocols, free of any distribution layer."""

@@ -1,0 +1,205 @@
+"""Omniglot one-shot learning with the memory: episode sampling, training and evaluation.
+
+Training (one "episode batch"): `parallel` episodes of `width` classes, each class shown
+`per_class` times in random order; step t of the batch holds the t-th example of every episode.
+The CNN embeds the whole batch at once; the memory then reads (with labels) and writes step by
+step, and the summed memory loss trains the network once per batch (the released code's scheme).
+Labels are global class ids in life-long mode, and episode-local ids (episode e, class c ->
+e * width + c) in episodic mode, where the memory is emptied before every batch.
+
+Evaluation is the released protocol: examples one at a time, each first read (no labels, no
+dropout) then written with its label; k-shot accuracy counts presentations of a class seen
+exactly k times before in the episode; every episode starts from an empty memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distmem.data.omniglot import Split
+
+
+@dataclass
+class EpisodeBatch:
+    """indices [T, P] into the split's images; labels [T, P] memory labels; classes [T, P] class ids."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    classes: np.ndarray
+
+
+def sample_episodes(split: Split, rng: np.random.Generator, parallel: int, width: int, per_class: int,
+                    global_labels: bool) -> EpisodeBatch:
+    """`parallel` episodes of `width` distinct classes x `per_class` distinct drawings, shuffled."""
+    by_class = _by_class(split)
+    T = width * per_class
+    indices = np.empty((T, parallel), dtype=np.int64)
+    classes = np.empty((T, parallel), dtype=np.int64)
+    labels = np.empty((T, parallel), dtype=np.int64)
+    for e in range(parallel):
+        chosen = rng.choice(split.num_classes, size=width, replace=False)
+        items = [(c, j, i) for j, c in enumerate(chosen)
+                 for i in rng.choice(by_class[c], size=per_class, replace=False)]
+        order = rng.permutation(T)
+        for t, o in enumerate(order):
+            c, j, i = items[o]
+            indices[t, e], classes[t, e] = i, c
+            labels[t, e] = c if global_labels else e * width + j
+    return EpisodeBatch(indices, labels, classes)
+
+
+_BY_CLASS_CACHE: dict[int, list[np.ndarray]] = {}
+
+
+def _by_class(split: Split) -> list[np.ndarray]:
+    key = id(split.labels)
+    if key not in _BY_CLASS_CACHE:
+        order = np.argsort(split.labels, kind="stable")
+        bounds = np.searchsorted(split.labels[order], np.arange(split.num_classes + 1))
+        _BY_CLASS_CACHE[key] = [order[bounds[c]:bounds[c + 1]] for c in range(split.num_classes)]
+    return _BY_CLASS_CACHE[key]
+
+
+def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatch,
+                optimizer: torch.optim.Optimizer, clip_norm: float = 5.0) -> dict[str, float]:
+    """One update on an episode batch. memory: LocalMemory or ShardedMemory (read/write)."""
+    model.train()
+    T, P = batch.indices.shape
+    images = torch.from_numpy(split.images[batch.indices.reshape(-1)])
+    queries = model(images).view(T, P, -1)  # (T, P, key_dim)
+    labels = torch.from_numpy(batch.labels)
+    losses, correct = [], 0
+    for t in range(T):
+        read = memory.read(queries[t], labels[t])
+        memory.write(read)
+        losses.append(read.loss)
+        correct += int((read.prediction.cpu() == labels[t]).sum())
+    loss = torch.stack(losses).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    return {"loss": float(loss.detach()), "train_accuracy": correct / (T * P)}
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1000) -> Tensor:
+    """Unit-norm queries [n, key_dim] of images [n, 28, 28], in eval mode (no dropout)."""
+    model.eval()
+    return torch.cat([model(torch.from_numpy(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def one_shot_predictions(queries: Tensor, labels: Tensor) -> Tensor:
+    """The one-shot protocol on E episodes at once, each on an empty memory.
+
+    queries [E, T, d] unit-norm, labels [E, T]. Returns predictions [E, T] (-1: empty memory).
+    Equal to a `LocalMemory` (age_noise 0, size >= T) emptied per episode, read without labels
+    then written with the label at each step: the nearest key (ties: lower slot) gives the
+    prediction; a hit merges into that slot, a miss fills the next empty slot.
+    """
+    E, T, d = queries.shape
+    keys = torch.zeros(E, T, d)
+    values = torch.full((E, T), -1, dtype=torch.int64)
+    used = torch.zeros(E, dtype=torch.int64)
+    rows = torch.arange(E)
+    preds = torch.empty(E, T, dtype=torch.int64)
+    for t in range(T):
+        q, y = queries[:, t], labels[:, t]
+        nearest = torch.einsum("ed,esd->es", q, keys).argmax(dim=1)  # first maximum: lower slot
+        preds[:, t] = values[rows, nearest]
+        hit = preds[:, t] == y
+        slot = torch.where(hit, nearest, used)
+        keys[rows, slot] = torch.where(hit[:, None], F.normalize(q + keys[rows, nearest], dim=1), q)
+        values[rows, slot] = y
+        used += (~hit).long()
+    return preds
+
+
+def shots_seen(labels: np.ndarray) -> np.ndarray:
+    """[E, T]: how many times each example's class was shown before in its episode."""
+    seen = np.zeros_like(labels)
+    for e in range(labels.shape[0]):
+        counts: dict[int, int] = {}
+        for t, y in enumerate(labels[e]):
+            seen[e, t] = counts.get(int(y), 0)
+            counts[int(y)] = seen[e, t] + 1
+    return seen
+
+
+def evaluate(queries: Tensor, split: Split, ways: int, episodes: int, per_class: int = 10, max_shot: int = 5,
+             seed: int = 0) -> dict[str, dict[str, float]]:
+    """k-shot accuracy (k = 1..max_shot) with 95% confidence intervals over `episodes` episodes.
+
+    queries [n, d]: the split's images embedded once (`embed`). Returns {"1": {"accuracy",
+    "ci95"}, ...} in percent.
+    """
+    rng = np.random.default_rng(seed)
+    batch = sample_episodes(split, rng, episodes, ways, per_class, global_labels=False)
+    idx, labels = batch.indices.T, batch.labels.T  # (E, T)
+    preds = one_shot_predictions(queries[torch.from_numpy(idx)], torch.from_numpy(labels)).numpy()
+    seen = shots_seen(labels)
+    out = {}
+    for k in range(1, max_shot + 1):
+        mask = seen == k
+        per_episode = (preds == labels)[mask].reshape(episodes, -1).mean(axis=1) * 100  # same count per episode
+        out[str(k)] = {"accuracy": float(per_episode.mean()),
+                       "ci95": float(1.96 * per_episode.std(ddof=1) / math.sqrt(episodes)) if episodes > 1 else 0.0}
+    return out
+
+
+@dataclass
+class OmniglotRunConfig:
+    """Everything a run needs; saved with every checkpoint (config.json in the run folder)."""
+
+    preset: str = "default"
+    mode: str = "episodic"          # "episodic" (released code) or "lifelong" (one memory, never emptied)
+    split: str = "released"         # "released" or "vinyals"
+    workers: int = 1                # data-parallel trainers (Ray Train)
+    shards: int = 1                 # memory shards (life-long mode)
+    batches: int = 300              # episode batches (optimizer updates) to train for
+    parallel: int = 16              # episodes per batch, per worker
+    width: int = 5                  # classes per training episode
+    per_class: int = 10             # drawings of each class per training episode
+    lr: float = 1e-4
+    clip_norm: float = 5.0
+    memory_size: int = 8192
+    key_dim: int = 256
+    k: int = 256
+    age_noise: float = 8.0
+    backend: str = "torch"
+    eval_every: int = 50            # batches between points of the accuracy curve
+    curve_classes: int = 100        # test classes used for the curve (the final table uses all)
+    curve_episodes: int = 300
+    eval_episodes: int = 1000
+    checkpoint_every: int = 100
+    seed: int = 0
+    data: str | None = None         # folder with the Omniglot zips (default ../shared/data/omniglot)
+    cache: str | None = None        # decoded-image cache (default ~/.cache/distmem)
+
+
+PRESETS: dict[str, dict] = {
+    # CI smoke run: a few batches, small evaluation (well under two minutes with Ray start-up)
+    "quick": dict(batches=4, parallel=4, eval_every=2, curve_classes=30, curve_episodes=50, eval_episodes=100,
+                  checkpoint_every=2),
+    # about 15 minutes on 2 CPU cores
+    "default": dict(batches=300, lr=1e-3, eval_every=50, checkpoint_every=100),
+    # the paper's settings (Adam 1e-4, memory 8192, key 256, k 256): hours on a GPU
+    "paper": dict(batches=60000, lr=1e-4, eval_every=1000, checkpoint_every=1000, curve_episodes=500),
+}
+
+
+def subset_classes(split: Split, num_classes: int, seed: int = 0) -> Split:
+    """The images of `num_classes` random classes of `split`, relabelled 0..num_classes-1."""
+    if num_classes >= split.num_classes:
+        return split
+    chosen = np.random.default_rng(seed).choice(split.num_classes, num_classes, replace=False)
+    remap = np.full(split.num_classes, -1)
+    remap[chosen] = np.arange(num_classes)
+    keep = remap[split.labels] >= 0
+    return Split(split.images[keep], remap[split.labels[keep]], num_classes)

@@ -1,0 +1,108 @@
+"""Omniglot: the loader on the real zips, the episode sampler, the one-shot protocol, and a smoke
+run of the main job (quick preset, 2 workers, 2 memory shards)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distmem import LocalMemory, MemoryConfig
+from distmem.data.omniglot import Split, load_omniglot, make_split
+from distmem.tasks.omniglot import evaluate, one_shot_predictions, sample_episodes, shots_seen
+from conftest import state_equal, unit
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return load_omniglot()
+
+
+def test_loader_counts(raw):
+    for name, chars in (("background", 964), ("evaluation", 659)):
+        images, labels = raw[name]
+        assert images.shape == (chars * 20, 28, 28) and images.dtype == np.uint8
+        assert np.array_equal(np.bincount(labels), np.full(chars, 20))
+        assert 5 < images.mean() < 60  # ink is bright on a dark background
+    train, test = make_split(raw, "released")
+    assert (train.num_classes, len(train.images), test.num_classes, len(test.images)) == (3856, 77120, 659, 13180)
+    assert np.array_equal(train.images[19280 + 5], np.rot90(train.images[5]))  # rotation = a new class
+    train, test = make_split(raw, "vinyals")
+    assert (train.num_classes, test.num_classes, len(test.images)) == (4800, 423, 423 * 20)
+
+
+def test_missing_zip_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="images_background.zip"):
+        load_omniglot(tmp_path, tmp_path)
+
+
+def test_episode_sampler_invariants():
+    split = Split(np.zeros((30 * 20, 28, 28), np.float32), np.repeat(np.arange(30), 20), 30)
+    rng = np.random.default_rng(0)
+    for global_labels in (False, True):
+        b = sample_episodes(split, rng, parallel=6, width=5, per_class=4, global_labels=global_labels)
+        assert b.indices.shape == (20, 6)
+        for e in range(6):
+            classes, counts = np.unique(b.classes[:, e], return_counts=True)
+            assert len(classes) == 5 and (counts == 4).all()
+            assert len(set(b.indices[:, e])) == 20  # distinct drawings
+            assert (split.labels[b.indices[:, e]] == b.classes[:, e]).all()
+            if global_labels:
+                assert (b.labels[:, e] == b.classes[:, e]).all()
+            else:  # episode-local labels, disjoint between the parallel episodes
+                assert set(b.labels[:, e]) == set(range(5 * e, 5 * e + 5))
+
+
+def test_one_shot_protocol_hand_made_case():
+    # keys along axes; the second "a" is close to the first, "b" is orthogonal, the third "a" differs
+    e = torch.eye(3)
+    q = torch.stack([e[0], e[1], torch.nn.functional.normalize(e[0] + 0.1 * e[2], dim=0), e[2]]).unsqueeze(0)
+    labels = torch.tensor([[7, 8, 7, 9]])
+    preds = one_shot_predictions(q, labels)
+    assert preds.tolist() == [[-1, 7, 7, 7]]  # empty memory, then nearest neighbours
+    assert shots_seen(labels.numpy()).tolist() == [[0, 0, 1, 0]]
+
+
+def test_vectorised_protocol_equals_local_memory_one_example_at_a_time():
+    E, T, d = 3, 12, 6
+    q = unit(E, T, d, seed=4)
+    labels = torch.randint(0, 3, (E, T), generator=torch.Generator().manual_seed(0))
+    preds = one_shot_predictions(q, labels)
+    for e in range(E):
+        mem = LocalMemory(MemoryConfig(size=T, key_dim=d, k=2, age_noise=0.0), device="cpu")
+        for t in range(T):
+            read = mem.read(q[e, t:t + 1])  # read without labels, then write with the label
+            assert read.prediction.item() == preds[e, t].item()
+            mem.write(read, labels[e, t:t + 1])
+
+
+def test_evaluation_reports_intervals_and_leaves_the_trained_memory_alone():
+    split = Split(np.zeros((40 * 20, 28, 28), np.float32), np.repeat(np.arange(40), 20), 40)
+    queries = torch.nn.functional.normalize(torch.eye(40)[split.labels] + 1.2 * unit(800, 40, seed=1), dim=1)
+    trained = LocalMemory(MemoryConfig(size=64, key_dim=40, k=4), device="cpu")
+    trained.step(queries[:16], torch.from_numpy(split.labels[:16]))
+    before = trained.state()
+    acc = evaluate(queries, split, ways=5, episodes=50)
+    assert state_equal(trained.state(), before)
+    assert set(acc) == {"1", "2", "3", "4", "5"}
+    assert 40 < acc["1"]["accuracy"] < 100 and 0 < acc["1"]["ci95"] < 15  # chance is 20%
+    assert acc["5"]["accuracy"] > acc["1"]["accuracy"]
+
+
+def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
+    cmd = [sys.executable, "-m", "jobs.omniglot", "--preset", "quick", "--mode", "lifelong", "--workers", "2",
+           "--shards", "2", "--runs", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["mode"] == "lifelong" and metrics["workers"] == 2 and metrics["batches"] == 4
+    assert set(metrics["accuracy"]) == {"5", "20"} and metrics["accuracy"]["5"]["1"]["accuracy"] > 20
+    assert (run / "accuracy.png").stat().st_size > 1000
+    assert (run / "checkpoints" / "latest.json").is_file()
+    assert "5-way" in out.stdout and str(run.resolve()) in out.stdout
