@@ -30,6 +30,10 @@ class MemoryBase:
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         raise NotImplementedError
 
+    def query(self, q: Tensor) -> MemoryRead:
+        """Read-only inference lookup (no labels, no loss, no recent-slot candidate)."""
+        return self.read(q)
+
     def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
         """Read with labels, then write the batch: one training step of the memory (a sharded
         memory's step returns once every writer's batch of the step is applied)."""
@@ -115,10 +119,6 @@ class LocalMemory(MemoryBase):
         candidate and the margin loss. Changes nothing."""
         return merge.read(self.config, q, labels, lambda qq, yy: [self.shard.search(qq, yy)],
                           self.shard.weighted_keys, (self._token, self._version))
-
-    def query(self, q: Tensor) -> MemoryRead:
-        """Read-only inference lookup (no labels, no loss, no recent-slot candidate)."""
-        return self.read(q)
 
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         """Store the batch of `read` with `labels` (default: the labels it was read with).

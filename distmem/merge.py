@@ -66,7 +66,8 @@ def read(config: MemoryConfig, q: Tensor, labels: Tensor | None,
          search: Callable[[Tensor, Tensor | None], Sequence[Reply]],
          weighted_keys: Callable[[Tensor, Tensor], Tensor], version: tuple) -> MemoryRead:
     """One read over shards. search(queries, labels) -> the replies of every shard, in slot order;
-    weighted_keys(ids, weights) -> sum over shards of sum_j weights * K[ids] [B, d]."""
+    weighted_keys(ids, weights) -> sum over shards of sum_j weights * K[ids] [B, d], called only
+    when q requires a gradient (for the confidence's)."""
     q = check_queries(q, config)
     if labels is not None:
         labels = check_labels(labels, q.shape[0])
@@ -89,7 +90,10 @@ def read(config: MemoryConfig, q: Tensor, labels: Tensor | None,
 
     nearest_key = key_of("first_key", shard_of[:, 0])
     t = config.inverse_temperature
-    mean_key = weighted_keys(ids, torch.softmax(t * sims, dim=1)).to(device)
+    if query.requires_grad:  # the confidence's gradient needs sum_j w_j K[c_j]: one more small call
+        mean_key = weighted_keys(ids, torch.softmax(t * sims, dim=1)).to(device)
+    else:  # nothing to differentiate: the confidence's value needs no keys
+        mean_key = nearest_key
     confidence = rules.soft_confidence(query, sims, nearest_key, mean_key, t)
     loss = positive = negative = None
     if labels is not None:

@@ -156,3 +156,16 @@ def test_unreachable_cluster_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "ConnectionError: address: no Ray cluster reachable at '127.0.0.1:9'" in out.stderr
+
+
+def test_inference_read_is_one_call_per_shard(sharded_cls):
+    mem = sharded_cls(CFG, 2)
+    try:
+        mem.step(unit(6, 8), torch.arange(6))
+        r = mem.query(unit(3, 8, seed=9))
+        # only the search replies moved: no weighted-key round trip without a gradient to compute
+        assert mem.traffic["read_bytes"] == 2 * 3 * 8 * 4 + sum(
+            3 * n * 20 + 3 * 8 * 4 + 8 for n in (9, 9))  # queries out; ids/values/sims, first key, step back
+        assert r.confidence.grad_fn is None
+    finally:
+        mem.shutdown()

