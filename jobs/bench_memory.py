@@ -62,12 +62,26 @@ def filled_state(size: int, dim: int, classes: int, seed: int) -> dict[str, torc
             "ages": torch.randint(0, 10_000, (size,), generator=g)}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def problem_parser(description: str | None) -> argparse.ArgumentParser:
+    """Arguments shared by the benchmarks: the memory and batch shape."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--k", type=int, default=256)
+    return p
+
+
+def problem(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(a filled memory state, unit queries [B, d], labels [B]) for the benchmark's shape."""
+    state = filled_state(args.size, args.dim, classes=args.size // 4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(args.batch, args.dim, generator=g), dim=1)
+    return state, q, torch.randint(0, args.size // 4, (args.batch,), generator=g)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = problem_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5, help="rounds")
     p.add_argument("--backends", default="torch,faiss")
     p.add_argument("--device", default="cpu")
@@ -79,10 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     sync = device.type == "cuda"
-    state = filled_state(args.size, args.dim, classes=args.size // 4, seed=0)
-    g = torch.Generator().manual_seed(1)
-    q = F.normalize(torch.randn(args.batch, args.dim, generator=g), dim=1)
-    labels = torch.randint(0, args.size // 4, (args.batch,), generator=g)
+    state, q, labels = problem(args)
 
     index = faiss.IndexFlatIP(args.dim)
     index.add(state["keys"].numpy())

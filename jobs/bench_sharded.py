@@ -11,16 +11,14 @@ drift of the machine cancels. `--out FILE` writes the figures as JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 
 import ray
 import torch
-import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig, ShardedMemory
-from jobs.bench_memory import filled_state, interleaved, median_time, write_json
+from jobs.bench_memory import filled_state, interleaved, median_time, problem, problem_parser, write_json
 
 
 def rss_gib(pids: list[int]) -> dict[str, float]:
@@ -45,11 +43,7 @@ def timed(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--k", type=int, default=256)
+    p = problem_parser(__doc__)
     p.add_argument("--shards", default="1,2,4")
     p.add_argument("--backend", default="faiss")
     p.add_argument("--rounds", type=int, default=5)
@@ -58,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     cfg = MemoryConfig(size=args.size, key_dim=args.dim, k=args.k)
-    state = filled_state(args.size, args.dim, classes=args.size // 4, seed=0)
-    g = torch.Generator().manual_seed(1)
-    q = F.normalize(torch.randn(args.batch, args.dim, generator=g), dim=1)
-    labels = torch.randint(0, args.size // 4, (args.batch,), generator=g)
+    state, q, labels = problem(args)
     threads = torch.get_num_threads()
     print(f"N={args.size:,} d={args.dim} B={args.batch} k={args.k} backend={args.backend} "
           f"cores={os.cpu_count()} rounds={args.rounds}")

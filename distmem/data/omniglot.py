@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,19 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
+    _by_class: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        assert len(self.images) == len(self.labels)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"images ({len(self.images)}) and labels ({len(self.labels)}) differ in length")
+
+    def by_class(self) -> list[np.ndarray]:
+        """Image indices of each class, 0..num_classes-1 (computed once)."""
+        if self._by_class is None:
+            order = np.argsort(self.labels, kind="stable")
+            bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+            self._by_class = [order[bounds[c]:bounds[c + 1]] for c in range(self.num_classes)]
+        return self._by_class
 
 
 def _decode_zip(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -37,7 +37,7 @@ class EpisodeBatch:
 def sample_episodes(split: Split, rng: np.random.Generator, parallel: int, width: int, per_class: int,
                     global_labels: bool) -> EpisodeBatch:
     """`parallel` episodes of `width` distinct classes x `per_class` distinct drawings, shuffled."""
-    by_class = _by_class(split)
+    by_class = split.by_class()
     T = width * per_class
     indices = np.empty((T, parallel), dtype=np.int64)
     classes = np.empty((T, parallel), dtype=np.int64)
@@ -52,18 +52,6 @@ def sample_episodes(split: Split, rng: np.random.Generator, parallel: int, width
             indices[t, e], classes[t, e] = i, c
             labels[t, e] = c if global_labels else e * width + j
     return EpisodeBatch(indices, labels, classes)
-
-
-_BY_CLASS_CACHE: dict[int, list[np.ndarray]] = {}
-
-
-def _by_class(split: Split) -> list[np.ndarray]:
-    key = id(split.labels)
-    if key not in _BY_CLASS_CACHE:
-        order = np.argsort(split.labels, kind="stable")
-        bounds = np.searchsorted(split.labels[order], np.arange(split.num_classes + 1))
-        _BY_CLASS_CACHE[key] = [order[bounds[c]:bounds[c + 1]] for c in range(split.num_classes)]
-    return _BY_CLASS_CACHE[key]
 
 
 def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatch,
