@@ -99,10 +99,7 @@ class LocalMemory(MemoryBase):
 
     def load(self, path: str | PathLike) -> None:
         """Load a memory file or a sharded checkpoint folder of a memory of the same size."""
-        config = storage.read_config(path)
-        if (config.size, config.key_dim) != (self.config.size, self.config.key_dim):
-            raise ValueError(f"path: {path} holds a memory of size={config.size}, key_dim={config.key_dim}; "
-                             f"this one has size={self.config.size}, key_dim={self.config.key_dim}")
+        storage.read_config_for(path, self.config)
         self.load_state(storage.read_range(path, 0, self.config.size)[1])
 
     @classmethod

@@ -83,11 +83,7 @@ class MemoryShard:
         self.step = step
         self.recent = rules.RecentSlots(self.device)
         if "recent_labels" in checked:
-            labels, slots = checked["recent_labels"], checked["recent_slots"]
-            seqs = checked.get("recent_seqs")
-            if seqs is None:  # no order known: as if written at the last step, in slot order
-                seqs = rules.write_seq(max(step - 1, 0), torch.argsort(torch.argsort(slots)))
-            self.recent.set(labels.to(self.device), slots.to(self.device), seqs.to(self.device))
+            self.recent.set(*(checked[n].to(self.device) for n in ("recent_labels", "recent_slots", "recent_seqs")))
         if persist:
             self._snapshot()
 

@@ -120,6 +120,24 @@ def read_config(path: str | PathLike) -> MemoryConfig:
     return read_memory_file(path)[0]
 
 
+def read_config_for(path: str | PathLike, config: MemoryConfig) -> MemoryConfig:
+    """The config stored in `path`, which must hold a memory of `config`'s size and key size."""
+    stored = read_config(path)
+    if (stored.size, stored.key_dim) != (config.size, config.key_dim):
+        raise ValueError(f"path: {path} holds a memory of size={stored.size}, key_dim={stored.key_dim}; "
+                         f"this one has size={config.size}, key_dim={config.key_dim}")
+    return stored
+
+
+def slice_state(state: dict[str, Tensor], rows: slice, lo: int, hi: int) -> dict[str, Tensor]:
+    """keys / values / ages [rows], and the recent entries whose slot lies in [lo, hi)."""
+    piece = {name: state[name][rows] for name in ("keys", "values", "ages")}
+    if "recent_slots" in state:
+        inside = (state["recent_slots"] >= lo) & (state["recent_slots"] < hi)
+        piece.update({name: state[name][inside] for name in _RECENT if name in state})
+    return piece
+
+
 def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, dict[str, Tensor]]:
     """State of slots [lo, hi) from a memory file or a checkpoint folder (recent slots: those of
     the range, global ids)."""
@@ -142,11 +160,7 @@ def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, di
             break
         covered = p_lo + b
         steps.add(int(part["step"]))
-        piece = {name: part[name][a:b] for name in ("keys", "values", "ages")}
-        if "recent_slots" in part:
-            inside = (part["recent_slots"] >= lo) & (part["recent_slots"] < hi)
-            piece.update({name: part[name][inside] for name in _RECENT if name in part})
-        pieces.append(piece)
+        pieces.append(slice_state(part, slice(a, b), lo, hi))
     if covered != hi:
         raise ValueError(f"path: {path} does not hold slots [{lo}, {hi}) (it covers up to {covered})")
     if len(steps) != 1:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from distmem.config import MemoryConfig
+from distmem.rules import write_seq
 
 
 def check_queries(q: object, config: MemoryConfig, name: str = "q") -> Tensor:
@@ -51,7 +52,7 @@ def check_batch_fits(batch: int, config: MemoryConfig, name: str = "q") -> None:
 def check_state(state: object, n: int, d: int, lo: int = 0) -> dict[str, Tensor]:
     """A mapping with "keys" [n, d] float, "values" [n] int64 >= -1, "ages" [n] int64 >= 0, and
     optionally "step" (int) and "recent_labels"/"recent_slots"(/"recent_seqs") [L] int64, the
-    slots being global ids in [lo, lo + n)."""
+    slots being global ids in [lo, lo + n). Missing recent_seqs get the default order."""
     if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
         raise TypeError(f"state must be a mapping, got {type(state).__name__}")
     out: dict[str, Tensor] = {}
@@ -93,5 +94,7 @@ def check_state(state: object, n: int, d: int, lo: int = 0) -> dict[str, Tensor]
             seqs = state["recent_seqs"]
             if not isinstance(seqs, Tensor) or seqs.dtype != torch.int64 or seqs.shape != rl.shape:
                 raise ValueError("state['recent_seqs'] must be an int64 tensor shaped like state['recent_labels']")
-            out["recent_seqs"] = seqs
+        else:  # no order known: as if written at the last step, in slot order
+            seqs = write_seq(max(step - 1, 0), torch.argsort(torch.argsort(rs)))
+        out["recent_seqs"] = seqs
     return out

@@ -350,20 +350,9 @@ class ShardedMemory(MemoryBase):
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Replace the whole state (as `state()` returns). Checked whole before any shard changes."""
         from distmem.validation import check_state  # noqa: PLC0415
-        checked = check_state(state, self.config.size, self.config.key_dim)
-        if "recent_seqs" not in checked and "recent_labels" in checked:  # same default order as a shard
-            slots = checked["recent_slots"]
-            step = int(checked["step"])
-            checked["recent_seqs"] = (max(step - 1, 0) << 32) | torch.argsort(torch.argsort(slots))
-        refs = []
-        for shard, (lo, hi) in zip(self.shards, self.ranges):
-            part = {name: checked[name][lo:hi] for name in ("keys", "values", "ages")}
-            part["step"] = checked["step"]
-            if "recent_labels" in checked:
-                inside = (checked["recent_slots"] >= lo) & (checked["recent_slots"] < hi)
-                part.update({n: checked[n][inside] for n in ("recent_labels", "recent_slots", "recent_seqs")})
-            refs.append(shard.load_state.remote(part))
-        ray.get(refs)
+        checked = check_state(state, self.config.size, self.config.key_dim)  # fills the default recent order
+        parts = [{**storage.slice_state(checked, slice(lo, hi), lo, hi), "step": checked["step"]} for lo, hi in self.ranges]
+        ray.get([shard.load_state.remote(part) for shard, part in zip(self.shards, parts)])
         ray.get(self._coordinator.resync.remote())
 
     def clear(self) -> None:
@@ -385,10 +374,7 @@ class ShardedMemory(MemoryBase):
 
     def load(self, path: str | PathLike) -> None:
         """Load a checkpoint folder or memory file of a memory of the same size (any shard count)."""
-        config = storage.read_config(path)
-        if (config.size, config.key_dim) != (self.config.size, self.config.key_dim):
-            raise ValueError(f"path: {path} holds a memory of size={config.size}, key_dim={config.key_dim}; "
-                             f"this one has size={self.config.size}, key_dim={self.config.key_dim}")
+        storage.read_config_for(path, self.config)
         ray.get([s.load_range.remote(str(Path(path).resolve())) for s in self.shards])
         ray.get(self._coordinator.resync.remote())
 
