@@ -4,6 +4,7 @@
     python -m jobs.omniglot --preset quick           # a smoke run (CI)
     python -m jobs.omniglot --mode lifelong --workers 2 --shards 2
     python -m jobs.omniglot --resume runs/omniglot-...   # continue from the latest checkpoint
+    python -m jobs.omniglot --storage s3://bucket/runs   # run folders on object storage (pyarrow.fs)
 
 Trains with Ray Train, evaluates the one-shot protocol (5- and 20-way, 1- to 5-shot, 95%
 intervals) and writes metrics.json, accuracy.png and checkpoints into the run folder it prints.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, fields
@@ -24,22 +26,32 @@ from tqdm import tqdm
 
 from distmem.data.omniglot import load_omniglot, make_split
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.runs import RunStore
 from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, embed, evaluate
 
 
 def parse_config(argv: list[str] | None) -> tuple[OmniglotRunConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
-    p.add_argument("--resume", default=None, help="a run folder to continue")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: embedded local Ray)")
+    p.add_argument("--storage", "--runs", dest="storage", default="runs",
+                   help="where run folders go: a local folder (default ./runs) or a URI (s3://bucket/prefix, "
+                        "gs://..., file:///...) so results outlive the cluster")
+    p.add_argument("--resume", default=None, help="a run folder (path or URI) to continue")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an "
+                                                   "embedded local Ray)")
+    p.add_argument("--memory-storage", default=None, help="life-long mode: a folder every node reaches for the "
+                                                          "memory shards' snapshots and write logs")
+    p.add_argument("--max-failures", type=int, default=3, help="trainer-group restarts after a lost worker")
     for f in fields(OmniglotRunConfig):
         if f.name != "preset":
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     args = p.parse_args(argv)
     if args.resume:
-        saved = json.loads((Path(args.resume) / "config.json").read_text())
+        try:
+            saved = json.loads(RunStore(args.resume).read_text("config.json"))
+        except FileNotFoundError:
+            p.error(f"--resume: {args.resume} is not a run folder (no config.json)")
         cfg = OmniglotRunConfig(**saved)
     else:
         cfg = OmniglotRunConfig(preset=args.preset, **PRESETS[args.preset])
@@ -48,9 +60,11 @@ def parse_config(argv: list[str] | None) -> tuple[OmniglotRunConfig, argparse.Na
     cfg = OmniglotRunConfig(**{**asdict(cfg), **overrides})
     if cfg.mode not in ("episodic", "lifelong"):
         p.error(f"--mode must be 'episodic' or 'lifelong', got {cfg.mode!r}")
-    for name in ("workers", "shards", "batches"):
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        p.error(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    for name in ("workers", "shards", "batches", "step_group"):
         if getattr(cfg, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     return cfg, args
 
 
@@ -75,49 +89,62 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_config(argv)
     started = time.time()
     raw = load_omniglot(cfg.data, cfg.cache, progress=True)  # a missing file fails here, before Ray
-    run_dir = Path(args.resume) if args.resume else Path(args.runs) / f"omniglot-{cfg.preset}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    print(f"run folder: {run_dir.resolve()}", flush=True)
+    if args.resume:
+        store = RunStore(args.resume)
+    else:
+        name = f"omniglot-{cfg.preset}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        store = RunStore(f"{str(args.storage).rstrip('/')}/{name}")
+        store.write_text("config.json", json.dumps(asdict(cfg), indent=1))
+    print(f"run folder: {store.uri}", flush=True)
 
-    from distmem.distributed.train import latest_checkpoint, train_omniglot  # imports Ray
+    from distmem.distributed import connect  # imports Ray
+    from distmem.distributed.train import latest_checkpoint, train_omniglot
+    connect(args.address)  # here, not in the training thread: an embedded Ray lives as long as the thread that starts it
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train_omniglot(cfg, run_dir, args.address)))
+
+    def train() -> None:
+        outcome["result"] = train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures)
+
+    thread = threading.Thread(target=train)
     thread.start()
     with tqdm(total=cfg.batches, desc=f"training ({cfg.mode}, {cfg.workers} worker(s))", unit="batch") as bar:
         while thread.is_alive():
             thread.join(timeout=1.0)
-            progress = run_dir / "progress.json"
-            if progress.is_file():
-                try:
-                    state = json.loads(progress.read_text())
-                except json.JSONDecodeError:
-                    continue
-                bar.update(state["batch"] - bar.n)
-                curve = state.get("curve") or {}
-                bar.set_postfix(loss=f"{state['loss']:.3f}", **({"5w1s": f"{curve['1-shot']:.1f}"} if curve else {}))
+            try:
+                state = json.loads(store.read_text("progress.json"))
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            bar.update(state["batch"] - bar.n)
+            curve = state.get("curve") or {}
+            bar.set_postfix(loss=f"{state['loss']:.3f}", **({"5w1s": f"{curve['1-shot']:.1f}"} if curve else {}))
     if "result" not in outcome:
         raise SystemExit("training failed (see the Ray Train error above)")
     train_seconds = time.time() - started
 
-    checkpoint = latest_checkpoint(run_dir)
-    saved = torch.load(checkpoint / "model.pt", weights_only=False)
+    checkpoint = latest_checkpoint(store)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = torch.load(store.download(f"{checkpoint}/model.pt", Path(tmp) / "model.pt"), weights_only=False)
     _, test = make_split(raw, cfg.split)
-    from distmem.distributed.train import memory_config
-    net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), memory_config(cfg))
+    net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
     net.load_state_dict(saved["model"])
     queries = embed(net, test.images)
     results = {str(w): evaluate(queries, test, w, cfg.eval_episodes, seed=cfg.seed + 1) for w in (5, 20)}
-    memory = outcome["result"]["memory"]
+    memory, memory_info = outcome["result"]["memory"], None
     if memory is not None:
+        state = memory.state()
+        memory_info = {"step": int(state["step"]), "filled": int((state["values"] >= 0).sum()),
+                       "size": cfg.memory_size, "shards": cfg.shards,
+                       "shard_nodes": len({shard["node"] for shard in memory.placement()})}
         memory.shutdown()
     metrics = {"preset": cfg.preset, "mode": cfg.mode, "split": cfg.split, "workers": cfg.workers,
                "shards": cfg.shards, "batches": saved["batch"], "episodes": cfg.eval_episodes,
                "accuracy": results, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
-               "curve": saved["curve"], "checkpoint": str(checkpoint)}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_curve(saved["curve"], run_dir / "accuracy.png",
-               f"Omniglot {cfg.split} split, {cfg.mode} memory, {cfg.preset} preset")
+               "curve": saved["curve"], "checkpoint": store.location(checkpoint), "memory": memory_info}
+    store.write_text("metrics.json", json.dumps(metrics, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_curve(saved["curve"], Path(tmp) / "accuracy.png",
+                   f"Omniglot {cfg.split} split, {cfg.mode} memory, {cfg.preset} preset")
+        store.upload(Path(tmp) / "accuracy.png", "accuracy.png")
 
     print(f"\nOne-shot accuracy on the {cfg.split} test split ({cfg.mode} memory, {cfg.eval_episodes} episodes, "
           f"% with 95% interval)")
@@ -125,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     for w, acc in results.items():
         print(f"{w + '-way':8}" + "".join(f"{acc[str(k)]['accuracy']:8.1f} ± {acc[str(k)]['ci95']:4.1f}"
                                             for k in range(1, 6)))
-    print(f"\nwall time {metrics['wall_seconds']:.0f} s; metrics.json, accuracy.png and checkpoints in {run_dir.resolve()}")
+    print(f"\nwall time {metrics['wall_seconds']:.0f} s; metrics.json, accuracy.png and checkpoints in {store.uri}")
     return metrics
 
 

@@ -62,6 +62,28 @@ class Split:
         return self._by_class
 
 
+def _to_small(img) -> np.ndarray:
+    """A PIL image -> uint8 [28, 28], ink bright (the zips' drawings are dark ink on white)."""
+    from PIL import Image  # noqa: PLC0415 - decoding runs once, before the cache exists
+
+    return 255 - np.asarray(img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """One drawing (any size; dark ink on a light background, as in Omniglot) -> float32 [28, 28] in
+    [0, 1], preprocessed exactly as the training images."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image: no such file {path}")
+    try:
+        with Image.open(path) as img:
+            return _to_small(img).astype(np.float32) / 255.0
+    except UnidentifiedImageError as e:
+        raise ValueError(f"image: {path} is not an image file PIL can read") from e
+
+
 def _decode_zip(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from PIL import Image  # noqa: PLC0415 - decoding runs once, before the cache exists
 
@@ -73,8 +95,7 @@ def _decode_zip(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         labels = np.empty(len(names), dtype=np.int64)
         for i, name in enumerate(names):
             with Image.open(io.BytesIO(z.read(name))) as img:
-                small = img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-            images[i] = 255 - np.asarray(small)  # ink = bright
+                images[i] = _to_small(img)
             labels[i] = index[name.rsplit("/", 1)[0]]
     return images, labels, chars
 

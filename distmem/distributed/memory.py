@@ -13,17 +13,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
+import uuid
 import warnings
 from os import PathLike
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor
 
 from distmem import merge, storage
@@ -31,6 +34,7 @@ from distmem.config import MemoryConfig
 from distmem.memory import MemoryBase
 from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
+from distmem.runs import RunStore
 from distmem.shard import MemoryShard
 
 NAMESPACE = "distmem"
@@ -62,6 +66,17 @@ def _unwire(obj: Any) -> Any:
     if isinstance(obj, (ShardWrite, WriteRequest)):
         return type(obj)(**_unwire(vars(obj)))
     return obj
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[str]:
+    """A local path of a memory file or checkpoint folder: itself, or a temporary download of a URI."""
+    if "://" not in path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        parent, _, name = path.rstrip("/").rpartition("/")
+        yield str(RunStore(parent).download(name, Path(tmp) / name))
 
 
 def shard_ranges(size: int, num_shards: int) -> list[tuple[int, int]]:
@@ -105,10 +120,17 @@ class ShardActor:
         self.shard.load_state(state, copy=False)  # a deserialised copy that only this call holds
 
     def load_range(self, path: str) -> None:
-        self.shard.load_state(storage.read_range(path, self.shard.lo, self.shard.hi)[1], copy=False)
+        with _local_copy(path) as local:
+            self.shard.load_state(storage.read_range(local, self.shard.lo, self.shard.hi)[1], copy=False)
 
-    def save_part(self, path: str) -> tuple[int, int, int]:
-        storage.write_memory_file(path, self.shard.config, self.shard.state(), lo=self.shard.lo)
+    def save_part(self, folder: str, name: str) -> tuple[int, int, int]:
+        """Write this shard's part into `folder` (a local folder or a URI: written here, then uploaded)."""
+        if "://" not in folder:
+            storage.write_memory_file(Path(folder) / name, self.shard.config, self.shard.state(), lo=self.shard.lo)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                storage.write_memory_file(Path(tmp) / name, self.shard.config, self.shard.state(), lo=self.shard.lo)
+                RunStore(folder).upload(Path(tmp) / name, name)
         return self.shard.lo, self.shard.hi, self.shard.step
 
     def clear(self) -> None:
@@ -126,8 +148,9 @@ class Coordinator:
                  write_timeout_s: float) -> None:
         self.config, self.shards, self.ranges = config, shards, ranges
         self.num_writers, self.write_timeout_s = num_writers, write_timeout_s
-        self.step = 0
-        self.pending: dict[int, WriteRequest] = {}
+        self.step: int | None = None  # taken from the shards on first use (also after a restart)
+        self.pending: dict[int, tuple[str, WriteRequest]] = {}  # rank -> (writer id, request)
+        self.superseded: set[str] = set()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
 
@@ -143,15 +166,24 @@ class Coordinator:
         return {"config": self.config, "shards": self.shards, "ranges": self.ranges,
                 "num_writers": self.num_writers, "step": self.step}
 
-    async def write(self, step: int, rank: int, request: WriteRequest) -> int:
-        """Wait for every writer's request of `step`, then apply the step. Returns the new step."""
+    async def write(self, step: int, rank: int, request: WriteRequest, writer: str = "") -> int:
+        """Wait for every writer's request of `step`, then apply the step. Returns the new step.
+
+        writer: the id of the writing process's handle. A request from a new handle for a rank
+        that already wrote in this step replaces the old one (the old writer was restarted, e.g.
+        by Ray Train after its node was lost); the old writer, if still waiting, gets an error.
+        """
+        if self.step is None:
+            await self.resync()
         if step != self.step:
             raise ValueError(f"read is stale: it was made at step {step}, the memory is at step {self.step}; "
                              "read again")
-        if not 0 <= rank < self.num_writers or rank in self.pending:
+        if not 0 <= rank < self.num_writers or (rank in self.pending and self.pending[rank][0] == writer):
             raise ValueError(f"rank: expected a writer rank in [0, {self.num_writers}) not yet written "
                              f"in step {step}, got {rank}")
-        self.pending[rank] = request
+        if rank in self.pending:
+            self.superseded.add(self.pending[rank][0])
+        self.pending[rank] = (writer, request)
         done = self.done
         if len(self.pending) < self.num_writers:
             try:
@@ -162,8 +194,11 @@ class Coordinator:
                                    f"{self.write_timeout_s} s") from None
             if self.error is not None:
                 raise self.error
+            if writer in self.superseded:
+                raise RuntimeError(f"step {step}: this write of rank {rank} was replaced by a newer writer of "
+                                   "the same rank and not applied")
             return step + 1
-        requests = [self.pending[r] for r in range(self.num_writers)]
+        requests = [self.pending[r][1] for r in range(self.num_writers)]
         self.pending, self.done = {}, asyncio.Event()
         try:
             total = sum(len(r.labels) for r in requests)
@@ -196,8 +231,12 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def _ensure_ray(address: str | None) -> None:
-    """Join `address`, or start an embedded local Ray on 127.0.0.1 when there is none."""
+def connect(address: str | None = None) -> None:
+    """Join `address` (default: $RAY_ADDRESS), or start an embedded local Ray on 127.0.0.1.
+
+    Call it from the main thread of a program that uses Ray from other threads too: Ray's local
+    processes die with the thread that started them (the kernel's parent-death signal follows
+    the creating thread), so an embedded Ray started inside a worker thread ends with it."""
     if ray.is_initialized():
         return
     if address is None:
@@ -242,7 +281,7 @@ class ShardedMemory(MemoryBase):
             raise ValueError(f"num_writers must be an int >= 1, got {num_writers!r}")
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be one of ('torch', 'faiss'), got {backend!r}")
-        _ensure_ray(address)
+        connect(address)
         name = name or f"memory-{os.getpid()}-{id(self):x}"
         try:
             ray.get_actor(name, namespace=NAMESPACE)
@@ -257,15 +296,19 @@ class ShardedMemory(MemoryBase):
         threads = max(1, (os.cpu_count() or 1) // num_shards)
         lifetime = {"lifetime": "detached"} if detached else {}
         ranges = shard_ranges(config.size, num_shards)
+        # shards spread over the nodes (one GPU each where there are GPUs); the coordinator stays on
+        # this node (a job's driver runs on the head), so losing a worker node costs only shards,
+        # which restart elsewhere from their snapshot and log
         actor = ray.remote(ShardActor).options(
             num_gpus=1 if use_gpu else 0, num_cpus=0, max_restarts=-1, max_task_retries=-1,
-            namespace=NAMESPACE, **lifetime)
+            namespace=NAMESPACE, scheduling_strategy="SPREAD", **lifetime)
         shards = [actor.remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
                                str(root / f"shard-{i:04d}"), snapshot_every, threads)
                   for i, (lo, hi) in enumerate(ranges)]
         ray.get([s.step.remote() for s in shards])  # surface construction errors here
         coordinator = ray.remote(Coordinator).options(
-            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=1000, **lifetime
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=1000, **lifetime,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         ).remote(config, shards, ranges, num_writers, write_timeout_s)
         ray.get(coordinator.resync.remote())
         self._connect(name, coordinator, rank=0)
@@ -274,7 +317,7 @@ class ShardedMemory(MemoryBase):
     @classmethod
     def attach(cls, name: str, rank: int, address: str | None = None) -> "ShardedMemory":
         """Join the memory called `name` as writer `rank` (0 <= rank < num_writers)."""
-        _ensure_ray(address)
+        connect(address)
         try:
             coordinator = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
@@ -289,6 +332,7 @@ class ShardedMemory(MemoryBase):
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < info["num_writers"]:
             raise ValueError(f"rank must be an int in [0, {info['num_writers']}), got {rank!r}")
         self.name, self.rank, self._coordinator = name, rank, coordinator
+        self._writer = uuid.uuid4().hex
         self.config: MemoryConfig = info["config"]
         self.shards: list = info["shards"]
         self.ranges: list[tuple[int, int]] = info["ranges"]
@@ -327,7 +371,7 @@ class ShardedMemory(MemoryBase):
             raise ValueError(f"read is stale: it was made by memory {name!r}, not {self.name!r}")
         # to the coordinator, then about as much again on to the shards
         self.traffic["write_bytes"] = 2 * _nbytes(request)
-        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request)))
+        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request), self._writer))
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -362,21 +406,39 @@ class ShardedMemory(MemoryBase):
 
     def save(self, path: str | PathLike) -> None:
         """A consistent checkpoint of all shards at one step: a folder with one part per shard and
-        a manifest. Loads into a memory with any number of shards (or a `LocalMemory`)."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        a manifest. Loads into a memory with any number of shards (or a `LocalMemory`).
+
+        path: a local folder (every shard's node must reach it) or a pyarrow.fs URI (s3://, gs://):
+        each shard writes its own part; nothing passes through this process."""
+        remote = "://" in str(path)
+        folder = str(path) if remote else str(Path(path).resolve())
+        if not remote:
+            Path(folder).mkdir(parents=True, exist_ok=True)
         files = [f"part-{i:04d}-of-{len(self.shards):04d}.arrow" for i in range(len(self.shards))]
-        done = ray.get([s.save_part.remote(str(folder / f)) for s, f in zip(self.shards, files)])
+        done = ray.get([s.save_part.remote(folder, f) for s, f in zip(self.shards, files)])
         steps = {step for _, _, step in done}
         if len(steps) != 1:
             raise RuntimeError(f"shards saved different steps {sorted(steps)}; save between steps")
-        storage.write_manifest(folder, self.config, steps.pop(), [(f, lo, hi) for f, (lo, hi, _) in zip(files, done)])
+        parts = [(f, lo, hi) for f, (lo, hi, _) in zip(files, done)]
+        if not remote:
+            storage.write_manifest(folder, self.config, steps.pop(), parts)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.write_manifest(tmp, self.config, steps.pop(), parts)
+            RunStore(folder).upload(Path(tmp) / storage.MANIFEST, storage.MANIFEST)
 
     def load(self, path: str | PathLike) -> None:
-        """Load a checkpoint folder or memory file of a memory of the same size (any shard count)."""
-        storage.read_config_for(path, self.config)
-        ray.get([s.load_range.remote(str(Path(path).resolve())) for s in self.shards])
+        """Load a checkpoint folder or memory file (local, or a URI) of a memory of the same size
+        (any shard count)."""
+        with _local_copy(str(path)) as local:
+            storage.read_config_for(local, self.config)
+        where = str(path) if "://" in str(path) else str(Path(path).resolve())
+        ray.get([s.load_range.remote(where) for s in self.shards])
         ray.get(self._coordinator.resync.remote())
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Per shard: its slot range, step, process id, Ray node id and device."""
+        return ray.get([s.info.remote() for s in self.shards])
 
     def shutdown(self) -> None:
         """Kill the shard and coordinator actors (the storage folder stays)."""

@@ -3,13 +3,18 @@
 Each worker trains on its own episode batches; gradients are averaged by DDP. In life-long mode
 the workers are the writers of one `ShardedMemory` (attached by name, rank = world rank); in
 episodic mode each worker has its own `LocalMemory`, emptied before every batch. Rank 0 writes
-the accuracy curve, the progress file and the checkpoints (model, optimizer, config, memory).
+the accuracy curve, the progress file and the checkpoints (model, optimizer, config, memory) into
+the run folder, a `RunStore` (local path or s3:// / gs:// URI), so any node can write it and the
+results outlive the cluster. A worker lost with its node is restarted by Ray Train
+(`max_failures`) and resumes from the latest checkpoint; the life-long memory goes on (its shards
+recover from their own snapshots and logs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,43 +25,37 @@ import ray.train
 import ray.train.torch
 import torch
 
-from distmem import LocalMemory, MemoryConfig
+from distmem import LocalMemory
 from distmem.data.omniglot import load_omniglot, make_split
-from distmem.distributed.memory import ShardedMemory, _ensure_ray
+from distmem.distributed.memory import ShardedMemory, connect
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
-from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, sample_episodes, subset_classes,
-                                    train_batch)
+from distmem.runs import RunStore
+from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, learning_rate, sample_episodes,
+                                    subset_classes, train_batch)
+
+LATEST = "checkpoints/latest.json"
 
 
-def memory_config(cfg: OmniglotRunConfig) -> MemoryConfig:
-    return MemoryConfig(size=cfg.memory_size, key_dim=cfg.key_dim, k=cfg.k, age_noise=cfg.age_noise, seed=cfg.seed)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest.json"
-    return run_dir / "checkpoints" / json.loads(pointer.read_text())["name"] if pointer.is_file() else None
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def latest_checkpoint(store: RunStore) -> str | None:
+    """The run folder's latest checkpoint ("checkpoints/batch-..."), or None."""
+    return f"checkpoints/{json.loads(store.read_text(LATEST))['name']}" if store.exists(LATEST) else None
 
 
 def _worker(loop_config: dict) -> None:
     cfg = OmniglotRunConfig(**loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
+    store = RunStore(loop_config["store"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed)
     train, test = make_split(load_omniglot(cfg.data, cfg.cache), cfg.split)
     curve_split = subset_classes(test, cfg.curve_classes, seed=cfg.seed)
-    model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), memory_config(cfg))
+    model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
     start, curve = 0, []
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(store)
     if checkpoint is not None:
-        saved = torch.load(checkpoint / "model.pt", weights_only=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = torch.load(store.download(f"{checkpoint}/model.pt", Path(tmp) / "model.pt"), weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         start, curve = saved["batch"], saved["curve"]
@@ -65,15 +64,17 @@ def _worker(loop_config: dict) -> None:
     if cfg.mode == "lifelong":
         memory = ShardedMemory.attach(loop_config["memory_name"], rank)
     else:
-        memory = LocalMemory(memory_config(cfg), backend=cfg.backend, device="cpu")
+        memory = LocalMemory(cfg.memory_config(), backend=cfg.backend, device=ray.train.torch.get_device())
     rng = np.random.default_rng([cfg.seed, rank, start])
     started = time.time()
     for b in range(start, cfg.batches):
         if cfg.mode == "episodic":
             memory.clear()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, b)
         batch = sample_episodes(train, rng, cfg.parallel, cfg.width, cfg.per_class,
                                 global_labels=cfg.mode == "lifelong")
-        metrics = train_batch(model, memory, train, batch, optimizer, cfg.clip_norm)
+        metrics = train_batch(model, memory, train, batch, optimizer, cfg.clip_norm, cfg.step_group)
         done = b + 1
         if rank != 0:
             continue
@@ -82,43 +83,59 @@ def _worker(loop_config: dict) -> None:
             curve.append({"batch": done, "seconds": time.time() - started,
                           **{f"{k}-shot": v["accuracy"] for k, v in acc.items()}})
         if done % cfg.checkpoint_every == 0 or done == cfg.batches:
-            _save_checkpoint(run_dir, cfg, net, optimizer, memory, done, curve)
-        _write_json(run_dir / "progress.json", {"batch": done, "of": cfg.batches, **metrics,
-                                                "curve": curve[-1] if curve else None})
+            _save_checkpoint(store, cfg, net, optimizer, memory, done, curve)
+        store.write_text("progress.json", json.dumps({"batch": done, "of": cfg.batches, **metrics,
+                                                      "curve": curve[-1] if curve else None}))
 
 
-def _save_checkpoint(run_dir: Path, cfg: OmniglotRunConfig, net, optimizer, memory, done: int, curve: list) -> None:
-    folder = run_dir / "checkpoints" / f"batch-{done:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                "batch": done, "curve": curve}, folder / "model.pt")
-    if cfg.mode == "lifelong":
-        memory.save(folder / "memory")
-    else:
-        memory.save(folder / "memory.arrow")
-    _write_json(run_dir / "checkpoints" / "latest.json", {"name": folder.name, "batch": done})
+def _save_checkpoint(store: RunStore, cfg: OmniglotRunConfig, net, optimizer, memory, done: int, curve: list) -> None:
+    name = f"batch-{done:07d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                    "batch": done, "curve": curve}, Path(tmp) / "model.pt")
+        if cfg.mode == "episodic":
+            memory.save(Path(tmp) / "memory.arrow")
+        store.upload(tmp, f"checkpoints/{name}")
+    if cfg.mode == "lifelong":  # every shard writes (and uploads) its own part
+        memory.save(store.location(f"checkpoints/{name}/memory"))
+    store.write_text(LATEST, json.dumps({"name": name, "batch": done}))  # last: the checkpoint is complete
 
 
-def train_omniglot(cfg: OmniglotRunConfig, run_dir: Path, address: str | None = None) -> dict:
-    """Train with Ray Train; returns {"memory": ShardedMemory or None}. Resumes from run_dir."""
-    _ensure_ray(address)
+def train_omniglot(cfg: OmniglotRunConfig, store: RunStore, address: str | None = None,
+                   memory_storage: str | None = None, max_failures: int = 3) -> dict:
+    """Train with Ray Train into the run folder `store`, resuming from its latest checkpoint.
+
+    memory_storage: folder for the life-long memory's snapshots and write log (default: a local
+    folder beside the run, or a temporary one for a remote run folder); on a multi-node cluster
+    use a folder every node reaches, so a shard restarted on another node finds its log.
+    Returns {"memory": the ShardedMemory (life-long mode) or None}.
+    """
+    connect(address)
     memory = None
     if cfg.mode == "lifelong":
-        memory = ShardedMemory(memory_config(cfg), cfg.shards, backend=cfg.backend,
-                               name=f"omniglot-{run_dir.name}-{os.getpid()}", num_writers=cfg.workers,
-                               storage=run_dir / "memory-storage")
-        checkpoint = latest_checkpoint(run_dir)
+        if memory_storage is None:
+            memory_storage = (store.path("memory-storage") if store.local
+                              else tempfile.mkdtemp(prefix="distmem-memory-storage-"))
+        memory = ShardedMemory(cfg.memory_config(), cfg.shards, backend=cfg.backend,
+                               name=f"omniglot-{Path(store.root).name}-{os.getpid()}", num_writers=cfg.workers,
+                               storage=memory_storage)
+        checkpoint = latest_checkpoint(store)
         if checkpoint is not None:
-            memory.load(checkpoint / "memory")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+            memory.load(store.location(f"{checkpoint}/memory"))
+    resources = ray.cluster_resources()
+    cpus = cfg.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // cfg.workers)
+    gpus = resources.get("GPU", 0)
+    gpus -= cfg.shards if memory is not None and gpus >= cfg.shards else 0  # the memory's shards take theirs first
+    use_gpu = gpus >= cfg.workers
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={"config": asdict(cfg), "run_dir": str(run_dir),
+        train_loop_config={"config": asdict(cfg), "store": store.uri,
                            "memory_name": memory.name if memory is not None else None},
-        torch_config=ray.train.torch.TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
-                                               resources_per_worker={"CPU": max(1, cpus // cfg.workers)}),
-        run_config=ray.train.RunConfig(name="train", storage_path=str(run_dir / "ray")),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(name="train", storage_path=store.location("ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
     return {"memory": memory}

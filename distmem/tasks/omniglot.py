@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distmem.config import MemoryConfig
 from distmem.data.omniglot import Split
 
 
@@ -55,19 +56,26 @@ def sample_episodes(split: Split, rng: np.random.Generator, parallel: int, width
 
 
 def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatch,
-                optimizer: torch.optim.Optimizer, clip_norm: float = 5.0) -> dict[str, float]:
-    """One update on an episode batch. memory: LocalMemory or ShardedMemory (read/write)."""
+                optimizer: torch.optim.Optimizer, clip_norm: float = 5.0, step_group: int = 1) -> dict[str, float]:
+    """One update on an episode batch. memory: LocalMemory or ShardedMemory (read/write).
+
+    step_group: consecutive time steps read and written as one memory step of step_group * P
+    queries (1: the released scheme; more: fewer round trips to a sharded memory, but examples of
+    one group do not see each other).
+    """
     model.train()
     T, P = batch.indices.shape
-    images = torch.from_numpy(split.images[batch.indices.reshape(-1)])
+    device = next(model.parameters()).device
+    images = torch.from_numpy(split.images[batch.indices.reshape(-1)]).to(device)
     queries = model(images).view(T, P, -1)  # (T, P, key_dim)
-    labels = torch.from_numpy(batch.labels)
+    labels = torch.from_numpy(batch.labels).to(device)
     losses, correct = [], 0
-    for t in range(T):
-        read = memory.read(queries[t], labels[t])
+    for t in range(0, T, step_group):
+        q, y = queries[t:t + step_group].flatten(0, 1), labels[t:t + step_group].flatten()
+        read = memory.read(q, y)
         memory.write(read)
         losses.append(read.loss)
-        correct += int((read.prediction.cpu() == labels[t]).sum())
+        correct += int((read.prediction.cpu() == y.cpu()).sum())
     loss = torch.stack(losses).mean()
     optimizer.zero_grad()
     loss.backward()
@@ -78,9 +86,11 @@ def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatc
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1000) -> Tensor:
-    """Unit-norm queries [n, key_dim] of images [n, 28, 28], in eval mode (no dropout)."""
+    """Unit-norm queries [n, key_dim] (on the CPU) of images [n, 28, 28], in eval mode (no dropout)."""
     model.eval()
-    return torch.cat([model(torch.from_numpy(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(torch.from_numpy(images[i:i + batch_size]).to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 def one_shot_predictions(queries: Tensor, labels: Tensor) -> Tensor:
@@ -149,12 +159,15 @@ class OmniglotRunConfig:
     mode: str = "episodic"          # "episodic" (released code) or "lifelong" (one memory, never emptied)
     split: str = "released"         # "released" or "vinyals"
     workers: int = 1                # data-parallel trainers (Ray Train)
+    cpus_per_worker: int = 0        # CPUs each trainer reserves (0: the cluster's CPUs / workers)
     shards: int = 1                 # memory shards (life-long mode)
+    step_group: int = 1             # time steps per memory step (see train_batch; >1 for a cheaper life-long mode)
     batches: int = 300              # episode batches (optimizer updates) to train for
     parallel: int = 16              # episodes per batch, per worker
     width: int = 5                  # classes per training episode
     per_class: int = 10             # drawings of each class per training episode
     lr: float = 1e-4
+    lr_schedule: str = "constant"   # "constant" or "cosine" (decays lr to 0 over `batches`)
     clip_norm: float = 5.0
     memory_size: int = 8192
     key_dim: int = 256
@@ -170,16 +183,30 @@ class OmniglotRunConfig:
     data: str | None = None         # folder with the Omniglot zips (default ../shared/data/omniglot)
     cache: str | None = None        # decoded-image cache (default ~/.cache/distmem)
 
+    def memory_config(self) -> MemoryConfig:
+        """The memory this run trains with (size, key size, k, age noise, seed)."""
+        return MemoryConfig(size=self.memory_size, key_dim=self.key_dim, k=self.k, age_noise=self.age_noise,
+                            seed=self.seed)
+
 
 PRESETS: dict[str, dict] = {
     # CI smoke run: a few batches, small evaluation (well under two minutes with Ray start-up)
     "quick": dict(batches=4, parallel=4, eval_every=2, curve_classes=30, curve_episodes=50, eval_episodes=100,
                   checkpoint_every=2),
     # about 15 minutes on 2 CPU cores; lr 1e-3 to fit that budget (the paper: 1e-4)
-    "default": dict(batches=190, lr=1e-3, eval_every=38, checkpoint_every=38),
+    "default": dict(batches=230, lr=1e-3, lr_schedule="cosine", eval_every=46, checkpoint_every=46),
     # the paper's settings (Adam 1e-4, memory 8192, key 256, k 256): hours on a GPU
     "paper": dict(batches=60000, lr=1e-4, eval_every=1000, checkpoint_every=1000, curve_episodes=500),
 }
+
+
+def learning_rate(cfg: OmniglotRunConfig, batch: int) -> float:
+    """The learning rate of update `batch` (0-based); a pure function of the batch, so resuming is exact."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * batch / cfg.batches))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
 
 
 def subset_classes(split: Split, num_classes: int, seed: int = 0) -> Split:
