@@ -27,7 +27,10 @@ def small_memory(small_config) -> LocalMemory:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray (loopback only) for the whole session."""
+    import os
+
     import ray
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, namespace="distmem",
              configure_logging=False, log_to_driver=False)
     yield ray

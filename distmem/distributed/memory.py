@@ -242,6 +242,9 @@ def connect(address: str | None = None) -> None:
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
     if address in (None, "local"):
+        # a one-machine Ray: every address on loopback (Ray's processes would otherwise announce
+        # the host's outward address; they inherit this setting)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
                  configure_logging=False, log_to_driver=False)
         return
@@ -254,6 +257,8 @@ def connect(address: str | None = None) -> None:
                               "'host:port' of a running head node (ray start --head), or None for an "
                               "embedded local Ray") from None
     local = host in ("127.0.0.1", "localhost")
+    if local:  # a cluster on this machine (cluster/local.sh): its nodes live on loopback
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
              **({"_node_ip_address": "127.0.0.1"} if local else {}))
 
@@ -296,14 +301,22 @@ class ShardedMemory(MemoryBase):
         threads = max(1, (os.cpu_count() or 1) // num_shards)
         lifetime = {"lifetime": "detached"} if detached else {}
         ranges = shard_ranges(config.size, num_shards)
-        # shards spread over the nodes (one GPU each where there are GPUs); the coordinator stays on
-        # this node (a job's driver runs on the head), so losing a worker node costs only shards,
-        # which restart elsewhere from their snapshot and log
-        actor = ray.remote(ShardActor).options(
-            num_gpus=1 if use_gpu else 0, num_cpus=0, max_restarts=-1, max_task_retries=-1,
-            namespace=NAMESPACE, scheduling_strategy="SPREAD", **lifetime)
-        shards = [actor.remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
-                               str(root / f"shard-{i:04d}"), snapshot_every, threads)
+        # Shards spread over the nodes: one GPU each where there are GPUs (Ray places them), else
+        # round-robin over the alive nodes, softly (a shard whose node is lost restarts on another,
+        # from its snapshot and log). The coordinator stays on this node (a submitted job's driver
+        # runs on the head), so losing a worker node costs only shards.
+        actor = ray.remote(ShardActor)
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+        def placement(i: int) -> dict:
+            if use_gpu:
+                return {"num_gpus": 1}
+            return {"num_gpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)}
+
+        shards = [actor.options(num_cpus=0, max_restarts=-1, max_task_retries=-1, namespace=NAMESPACE,
+                                **placement(i), **lifetime)
+                  .remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
+                          str(root / f"shard-{i:04d}"), snapshot_every, threads)
                   for i, (lo, hi) in enumerate(ranges)]
         ray.get([s.step.remote() for s in shards])  # surface construction errors here
         coordinator = ray.remote(Coordinator).options(
