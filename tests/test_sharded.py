@@ -3,6 +3,7 @@ writers, crash recovery, checkpoints across shard counts, and errors."""
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -117,6 +118,75 @@ def test_checkpoint_loads_into_other_shard_counts(sharded_cls, tmp_path):
     finally:
         two.shutdown()
         three.shutdown()
+
+
+def test_checkpoint_through_a_pyarrow_uri(sharded_cls, tmp_path):
+    mem = sharded_cls(CFG, 2)
+    other = sharded_cls(CFG, 3)
+    try:
+        for step in batches(4, 1, seed=5):
+            mem.step(*step[0])
+        mem.save(f"file://{tmp_path}/ckpt")  # each shard uploads its own part
+        assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"manifest.json", "part-0000-of-0002.arrow",
+                                                                  "part-0001-of-0002.arrow"}
+        other.load(f"file://{tmp_path}/ckpt")
+        assert state_equal(other.state(), mem.state())
+    finally:
+        mem.shutdown()
+        other.shutdown()
+
+
+def test_a_restarted_writer_replaces_its_lost_request(sharded_cls, ray_local):
+    """A trainer restarted mid-step (new handle, same rank) replaces the request its dead
+    predecessor left; the step applies once, with the new batch, and equals LocalMemory."""
+    ray = ray_local
+    stream = batches(2, 2, seed=9)
+    mem = sharded_cls(CFG, 2, name="restart", num_writers=2)
+
+    @ray.remote(num_cpus=0)
+    def rank1_step(q, y):
+        from distmem import ShardedMemory
+        ShardedMemory.attach("restart", 1).step(q, y)
+
+    try:
+        lost = rank1_step.remote(*stream[0][1])  # rank 1 writes, then waits for rank 0 ...
+        dead = _waiting_writer(ray, mem, 1, other_than=None)
+        ray.cancel(lost, force=True)  # ... and dies before the step is applied
+        with pytest.raises(ray.exceptions.RayError):
+            ray.get(lost)
+        q, y = stream[0][1]
+        replacement = rank1_step.remote(q.flip(0), y.flip(0))  # its restart sends its own batch
+        _waiting_writer(ray, mem, 1, other_than=dead)  # it has replaced the lost request
+        mem.step(*stream[0][0])
+        ray.get(replacement)
+        local, _ = local_run([[stream[0][0], (q.flip(0), y.flip(0))]])
+        assert state_equal(mem.state(), local.state())
+        again = sharded_cls.attach("restart", 0)
+        request = _wire_request(mem, stream[1][0])
+        waiting = mem._coordinator.write.remote(1, 0, request, again._writer)  # waits for rank 1
+        with pytest.raises(ValueError, match="rank"):  # one handle still writes once per step
+            ray.get(mem._coordinator.write.remote(1, 0, request, again._writer))
+        ray.cancel(waiting)
+    finally:
+        mem.shutdown()
+
+
+def _waiting_writer(ray, mem, rank, other_than, timeout_s=60.0):
+    """The id of the writer whose request of `rank` waits in the coordinator (polled until it is
+    not `other_than`)."""
+    deadline = time.time() + timeout_s
+    while True:
+        writer = ray.get(mem._coordinator.info.remote())["waiting"].get(rank)
+        if writer is not None and writer != other_than:
+            return writer
+        assert time.time() < deadline, f"no new request of rank {rank} reached the coordinator"
+        time.sleep(0.05)
+
+
+def _wire_request(mem, step):
+    from distmem import merge
+    from distmem.distributed.memory import _wire
+    return _wire(merge.write_request(CFG, mem.read(*step), None))
 
 
 def test_errors_and_bad_input_leave_memory_unchanged(sharded_cls):

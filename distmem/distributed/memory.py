@@ -19,6 +19,7 @@ import socket
 import tempfile
 import uuid
 import warnings
+from unittest import mock
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,7 +27,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmem import merge, storage
@@ -164,7 +166,8 @@ class Coordinator:
 
     def info(self) -> dict[str, Any]:
         return {"config": self.config, "shards": self.shards, "ranges": self.ranges,
-                "num_writers": self.num_writers, "step": self.step}
+                "num_writers": self.num_writers, "step": self.step,
+                "waiting": {rank: writer for rank, (writer, _) in sorted(self.pending.items())}}
 
     async def write(self, step: int, rank: int, request: WriteRequest, writer: str = "") -> int:
         """Wait for every writer's request of `step`, then apply the step. Returns the new step.
@@ -256,11 +259,35 @@ def connect(address: str | None = None) -> None:
         raise ConnectionError(f"address: no Ray cluster reachable at {address!r} ({err}); expected "
                               "'host:port' of a running head node (ray start --head), or None for an "
                               "embedded local Ray") from None
-    local = host in ("127.0.0.1", "localhost")
-    if local:  # a cluster on this machine (cluster/local.sh): its nodes live on loopback
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
-             **({"_node_ip_address": "127.0.0.1"} if local else {}))
+    if host not in ("127.0.0.1", "localhost"):
+        ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False)
+        return
+    # A cluster on this machine (cluster/local.sh): its nodes live on loopback. Ray rewrites a
+    # loopback bootstrap address to the host's outward address unless its single-machine switch
+    # is off, and it reads that switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) once, at import: set
+    # it for this call only.
+    from ray._private import ray_constants  # noqa: PLC0415
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+
+
+def _spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: bool, detached: bool,
+                   timeout_s: float = 60.0) -> PlacementGroup:
+    """A SPREAD placement group with one bundle per shard: its slots' bytes of the `memory`
+    resource, plus one GPU when `use_gpu`. Fails with a clear error when the cluster cannot hold it."""
+    per_slot = config.key_dim * torch.tensor([], dtype=getattr(torch, config.key_dtype)).element_size() + 3 * 8
+    bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": 1.0} if use_gpu else {})}
+               for lo, hi in ranges]
+    group = placement_group(bundles, strategy="SPREAD", **({"lifetime": "detached"} if detached else {}))
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"num_shards: the cluster could not place {len(ranges)} shards of "
+                           f"{bundles[0]['memory'] / 2**30:.2f} GiB{' and one GPU' if use_gpu else ''} each within "
+                           f"{timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})") from None
+    return group
 
 
 class ShardedMemory(MemoryBase):
@@ -301,20 +328,18 @@ class ShardedMemory(MemoryBase):
         threads = max(1, (os.cpu_count() or 1) // num_shards)
         lifetime = {"lifetime": "detached"} if detached else {}
         ranges = shard_ranges(config.size, num_shards)
-        # Shards spread over the nodes: one GPU each where there are GPUs (Ray places them), else
-        # round-robin over the alive nodes, softly (a shard whose node is lost restarts on another,
-        # from its snapshot and log). The coordinator stays on this node (a submitted job's driver
-        # runs on the head), so losing a worker node costs only shards.
+        # Shards spread over the nodes through a SPREAD placement group: one bundle per shard that
+        # reserves its key memory (and one GPU where there are GPUs). When a node is lost, Ray
+        # reschedules its bundles on the other nodes and the shards restart there from their
+        # snapshots and logs. (Soft node affinity was tried first: it put both shards of a
+        # submitted job on one node in 2 of 3 runs.) The coordinator stays on this node (a
+        # submitted job's driver runs on the head), so losing a worker node costs only shards.
+        self._placement_group = _spread_shards(config, ranges, use_gpu, detached)
         actor = ray.remote(ShardActor)
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-
-        def placement(i: int) -> dict:
-            if use_gpu:
-                return {"num_gpus": 1}
-            return {"num_gpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)}
-
-        shards = [actor.options(num_cpus=0, max_restarts=-1, max_task_retries=-1, namespace=NAMESPACE,
-                                **placement(i), **lifetime)
+        shards = [actor.options(num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
+                                namespace=NAMESPACE, **lifetime,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                    self._placement_group, placement_group_bundle_index=i))
                   .remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
                           str(root / f"shard-{i:04d}"), snapshot_every, threads)
                   for i, (lo, hi) in enumerate(ranges)]
@@ -338,6 +363,7 @@ class ShardedMemory(MemoryBase):
         memory = cls.__new__(cls)
         memory._connect(name, coordinator, rank)
         memory.storage = None
+        memory._placement_group = None  # owned by the creating process
         return memory
 
     def _connect(self, name: str, coordinator: Any, rank: int) -> None:
@@ -454,9 +480,12 @@ class ShardedMemory(MemoryBase):
         return ray.get([s.info.remote() for s in self.shards])
 
     def shutdown(self) -> None:
-        """Kill the shard and coordinator actors (the storage folder stays)."""
+        """Kill the shard and coordinator actors and free their placement (the storage folder stays)."""
         for actor in [*self.shards, self._coordinator]:
             ray.kill(actor, no_restart=True)
+        if self._placement_group is not None:
+            remove_placement_group(self._placement_group)
+            self._placement_group = None
 
     def __repr__(self) -> str:
         return (f"ShardedMemory(name={self.name!r}, size={self.config.size}, shards={len(self.shards)}, "
