@@ -12,7 +12,9 @@ import torch
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.data.omniglot import Split, load_omniglot, make_split
-from distmem.tasks.omniglot import evaluate, one_shot_predictions, sample_episodes, shots_seen
+from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, one_shot_predictions, sample_episodes,
+                                    shots_seen, train_batches)
 from conftest import state_equal, unit
 
 ROOT = Path(__file__).parents[1]
@@ -81,17 +83,36 @@ def test_vectorised_protocol_equals_local_memory_one_example_at_a_time():
             mem.write(read, labels[e, t:t + 1])
 
 
-def test_evaluation_reports_intervals_and_leaves_the_trained_memory_alone():
+def test_evaluation_reports_intervals():
     split = Split(np.zeros((40 * 20, 28, 28), np.float32), np.repeat(np.arange(40), 20), 40)
     queries = torch.nn.functional.normalize(torch.eye(40)[split.labels] + 1.2 * unit(800, 40, seed=1), dim=1)
-    trained = LocalMemory(MemoryConfig(size=64, key_dim=40, k=4), device="cpu")
-    trained.step(queries[:16], torch.from_numpy(split.labels[:16]))
-    before = trained.state()
     acc = evaluate(queries, split, ways=5, episodes=50)
-    assert state_equal(trained.state(), before)
     assert set(acc) == {"1", "2", "3", "4", "5"}
     assert 40 < acc["1"]["accuracy"] < 100 and 0 < acc["1"]["ci95"] < 15  # chance is 20%
     assert acc["5"]["accuracy"] > acc["1"]["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["lifelong", "episodic"])
+def test_evaluation_during_training_changes_neither_the_memory_nor_the_training(mode):
+    """The training loop of the job with a curve evaluation after every batch ends in exactly the
+    memory and the weights of the same loop without evaluations."""
+    split = Split(np.random.default_rng(0).random((12 * 4, 28, 28), dtype=np.float32), np.repeat(np.arange(12), 4), 12)
+    cfg = OmniglotRunConfig(mode=mode, batches=3, parallel=2, width=3, per_class=2, memory_size=128, key_dim=32, k=8,
+                            eval_every=1, lr=1e-2)
+    outcomes = []
+    for with_curve in (True, False):
+        torch.manual_seed(0)
+        model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
+        memory = LocalMemory(cfg.memory_config(), device="cpu")
+        curve = (lambda: evaluate(embed(model, split.images), split, 3, episodes=4, per_class=2)) if with_curve else None
+        points = [p for _, _, p in train_batches(model, memory, split, optimizer, cfg, np.random.default_rng(1), 0, curve)]
+        assert sum(p is not None for p in points) == (3 if with_curve else 0)
+        outcomes.append((memory.state(), model.state_dict()))
+    (mem_a, weights_a), (mem_b, weights_b) = outcomes
+    assert mem_a["step"] == (3 * 6 if mode == "lifelong" else 6) and (mem_a["values"] >= 0).any()
+    assert state_equal(mem_a, mem_b)
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)  # BN statistics included
 
 
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):

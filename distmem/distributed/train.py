@@ -30,8 +30,7 @@ from distmem.data.omniglot import load_omniglot, make_split
 from distmem.distributed.memory import ShardedMemory, connect
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
 from distmem.runs import RunStore
-from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, learning_rate, sample_episodes,
-                                    subset_classes, train_batch)
+from distmem.tasks.omniglot import OmniglotRunConfig, embed, evaluate, subset_classes, train_batches
 
 LATEST = "checkpoints/latest.json"
 
@@ -67,21 +66,17 @@ def _worker(loop_config: dict) -> None:
         memory = LocalMemory(cfg.memory_config(), backend=cfg.backend, device=ray.train.torch.get_device())
     rng = np.random.default_rng([cfg.seed, rank, start])
     started = time.time()
-    for b in range(start, cfg.batches):
-        if cfg.mode == "episodic":
-            memory.clear()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, b)
-        batch = sample_episodes(train, rng, cfg.parallel, cfg.width, cfg.per_class,
-                                global_labels=cfg.mode == "lifelong")
-        metrics = train_batch(model, memory, train, batch, optimizer, cfg.clip_norm, cfg.step_group)
-        done = b + 1
+
+    def curve_point() -> dict:  # on rank 0 only: held-out classes, 5-way
+        return evaluate(embed(net, curve_split.images), curve_split, 5, cfg.curve_episodes, seed=cfg.seed)
+
+    for done, metrics, point in train_batches(model, memory, train, optimizer, cfg, rng, start,
+                                              curve_point if rank == 0 else None):
         if rank != 0:
             continue
-        if done % cfg.eval_every == 0 or done == cfg.batches:
-            acc = evaluate(embed(net, curve_split.images), curve_split, 5, cfg.curve_episodes, seed=cfg.seed)
+        if point is not None:
             curve.append({"batch": done, "seconds": time.time() - started,
-                          **{f"{k}-shot": v["accuracy"] for k, v in acc.items()}})
+                          **{f"{k}-shot": v["accuracy"] for k, v in point.items()}})
         if done % cfg.checkpoint_every == 0 or done == cfg.batches:
             _save_checkpoint(store, cfg, net, optimizer, memory, done, curve)
         store.write_text("progress.json", json.dumps({"batch": done, "of": cfg.batches, **metrics,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,6 +83,29 @@ def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatc
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     return {"loss": float(loss.detach()), "train_accuracy": correct / (T * P)}
+
+
+def train_batches(model: torch.nn.Module, memory, train: Split, optimizer: torch.optim.Optimizer,
+                  cfg: "OmniglotRunConfig", rng: np.random.Generator, start: int = 0,
+                  curve: Callable[[], dict[str, dict[str, float]]] | None = None
+                  ) -> Iterator[tuple[int, dict[str, float], dict[str, dict[str, float]] | None]]:
+    """The training loop from batch `start` to `cfg.batches`, one update per batch.
+
+    Episodic mode empties `memory` before every batch; life-long mode never does. `curve` (an
+    evaluation on held-out classes) runs every `cfg.eval_every` batches and after the last.
+    Yields (batches done, train_batch's metrics, the curve's result or None) after each batch.
+    """
+    for b in range(start, cfg.batches):
+        if cfg.mode == "episodic":
+            memory.clear()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, b)
+        batch = sample_episodes(train, rng, cfg.parallel, cfg.width, cfg.per_class,
+                                global_labels=cfg.mode == "lifelong")
+        metrics = train_batch(model, memory, train, batch, optimizer, cfg.clip_norm, cfg.step_group)
+        done = b + 1
+        point = curve() if curve is not None and (done % cfg.eval_every == 0 or done == cfg.batches) else None
+        yield done, metrics, point
 
 
 @torch.no_grad()
