@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     outcome: dict = {}
 
     def train() -> None:
-        outcome["result"] = train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures)
+        outcome["result"] = train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures, data=raw)
 
     thread = threading.Thread(target=train)
     thread.start()
-    with tqdm(total=cfg.batches, desc=f"training ({cfg.mode}, {cfg.workers} worker(s))", unit="batch") as bar:
+    with tqdm(total=cfg.batches, desc=f"training ({cfg.mode}, {cfg.workers} worker(s))", unit="batch",
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:  # a log file gets a line per 30 s
         while thread.is_alive():
             thread.join(timeout=1.0)
             try:

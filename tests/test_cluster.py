@@ -76,6 +76,18 @@ def test_submitted_quick_job_spreads_the_memory_and_writes_metrics(cluster, tmp_
     assert token not in _files_text(ROOT / "cluster") and token not in _files_text(state / "head" / "session_latest" / "logs")
 
 
+def test_a_driver_joins_the_cluster_by_its_loopback_address_and_the_shards_spread(cluster):
+    _, client = cluster
+    script = (f"from distmem import MemoryConfig, ShardedMemory\n"
+              f"m = ShardedMemory(MemoryConfig(size=64, key_dim=8, k=4), 2, address='127.0.0.1:{PORT}')\n"
+              f"print('NODES', len({{p['node'] for p in m.placement()}}))\n"
+              f"m.shutdown()\n")
+    env = {k: v for k, v in client.items() if k != "RAY_ADDRESS"}
+    out = _run([sys.executable, "-c", script], env, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "NODES 2" in out.stdout  # one shard on each of the two nodes
+
+
 def test_submissions_without_or_with_a_wrong_token_are_refused(cluster, tmp_path):
     _, client = cluster
     no_token = {k: v for k, v in client.items() if not k.startswith("RAY_AUTH")}

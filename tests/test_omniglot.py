@@ -1,17 +1,20 @@
 """Omniglot: the loader on the real zips, the episode sampler, the one-shot protocol, and a smoke
 run of the main job (quick preset, 2 workers, 2 memory shards)."""
 
+import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from distmem import LocalMemory, MemoryConfig
-from distmem.data.omniglot import Split, load_omniglot, make_split
+from distmem.data.omniglot import ZIPS, Split, default_data_dir, load_omniglot, make_split
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
 from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, one_shot_predictions, sample_episodes,
                                     shots_seen, train_batches)
@@ -36,6 +39,27 @@ def test_loader_counts(raw):
     assert np.array_equal(train.images[19280 + 5], np.rot90(train.images[5]))  # rotation = a new class
     train, test = make_split(raw, "vinyals")
     assert (train.num_classes, test.num_classes, len(test.images)) == (4800, 423, 423 * 20)
+
+
+def test_loader_reads_the_zips_through_a_uri(raw, tmp_path):
+    same = load_omniglot(f"file://{default_data_dir().resolve()}")  # the same zips: the same cache entry
+    assert all(np.array_equal(same[name][0], raw[name][0]) for name in raw)
+    bucket = tmp_path / "bucket"  # a zip not cached yet is downloaded into the cache and decoded
+    bucket.mkdir()
+    for zip_name in ZIPS:
+        with zipfile.ZipFile(bucket / zip_name, "w") as z:
+            for char, drawer in [(1, 1), (1, 2), (2, 1)]:
+                ink = Image.new("1", (105, 105), 1)
+                ink.paste(0, (10 * char, 10, 10 * char + 40, 90))  # a dark bar on white
+                png = io.BytesIO()
+                ink.save(png, format="PNG")
+                z.writestr(f"{zip_name[:-4]}/Alpha/character0{char}/0{char}_0{drawer}.png", png.getvalue())
+    out = load_omniglot(f"file://{bucket}", tmp_path / "cache")
+    images, labels = out["background"]
+    assert images.shape == (3, 28, 28) and labels.tolist() == [0, 0, 1] and images.max() > 200
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "omniglot").iterdir()) == [".npz", ".npz"]  # no zip left
+    with pytest.raises(FileNotFoundError, match="missing file://.*/nowhere/images_background.zip"):
+        load_omniglot(f"file://{tmp_path}/nowhere", tmp_path / "cache2")
 
 
 def test_missing_zip_is_a_clear_error(tmp_path):

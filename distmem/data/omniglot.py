@@ -104,31 +104,54 @@ def load_omniglot(data_dir: str | os.PathLike | None = None, cache_dir: str | os
                   progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"background": (images uint8 [19280, 28, 28], char ids [19280]), "evaluation": (...[13180])}.
 
-    Decodes the zips on first use (about half a minute) and caches the arrays in `cache_dir`.
+    data_dir: a local folder with the two zips, or a URI that pyarrow.fs opens (s3://bucket/omniglot,
+    gs://..., file:///...). Decodes the zips on first use (about ten seconds) and caches the arrays
+    in `cache_dir` (a remote zip is downloaded into the cache first).
     """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    remote = data_dir is not None and "://" in str(data_dir)
+    if data_dir is None:
+        data_dir = default_data_dir()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = {}
     for zip_name in ZIPS:
-        path = data_dir / zip_name
-        if not path.is_file():
-            raise FileNotFoundError(f"data_dir: missing {path}; expected the Omniglot zips {ZIPS} "
-                                    f"(see shared/data/README.md), or pass --data DIR")
-        key = f"{zip_name.removesuffix('.zip')}-{path.stat().st_size}-{IMAGE_SIZE}.npz"
+        size = _zip_size(data_dir, zip_name, remote)
+        key = f"{zip_name.removesuffix('.zip')}-{size}-{IMAGE_SIZE}.npz"
         cached = cache_dir / "omniglot" / key
         if cached.is_file():
             with np.load(cached) as f:
                 images, labels = f["images"], f["labels"]
         else:
+            path = Path(data_dir) / zip_name
             if progress:
-                print(f"decoding {path} once into {cached} ...", flush=True)
-            images, labels, _ = _decode_zip(path)
+                print(f"decoding {data_dir}/{zip_name} once into {cached} ...", flush=True)
             cached.parent.mkdir(parents=True, exist_ok=True)
+            if remote:
+                from distmem.runs import RunStore  # noqa: PLC0415 - only for remote data
+                path = RunStore(data_dir).download(zip_name, cached.with_name(f"{zip_name}.tmp-{os.getpid()}"))
+            images, labels, _ = _decode_zip(path)
+            if remote:
+                path.unlink()
             tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}.npz")
             np.savez(tmp, images=images, labels=labels)
             os.replace(tmp, cached)
         out[zip_name.removeprefix("images_").removesuffix(".zip")] = (images, labels)
     return out
+
+
+def _zip_size(data_dir: str | os.PathLike, zip_name: str, remote: bool) -> int:
+    """The zip's size in bytes (it keys the cache); a clear error when it is missing."""
+    size = None
+    if remote:
+        from distmem.runs import RunStore  # noqa: PLC0415
+        store = RunStore(data_dir)
+        if store.exists(zip_name):
+            size = store.fs.get_file_info(store.path(zip_name)).size
+    elif (Path(data_dir) / zip_name).is_file():
+        size = (Path(data_dir) / zip_name).stat().st_size
+    if size is None:
+        raise FileNotFoundError(f"data_dir: missing {str(data_dir).rstrip('/')}/{zip_name}; expected the Omniglot "
+                                f"zips {ZIPS} (see shared/data/README.md), or pass --data DIR (a folder or a URI)")
+    return size
 
 
 def _with_rotations(images: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

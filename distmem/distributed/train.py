@@ -46,7 +46,9 @@ def _worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed)
-    train, test = make_split(load_omniglot(cfg.data, cfg.cache), cfg.split)
+    # the driver's decoded images through the object store (so trainers need no copy of the data)
+    raw = ray.get(loop_config["data"]) if loop_config.get("data") is not None else load_omniglot(cfg.data, cfg.cache)
+    train, test = make_split(raw, cfg.split)
     curve_split = subset_classes(test, cfg.curve_classes, seed=cfg.seed)
     model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
@@ -97,8 +99,12 @@ def _save_checkpoint(store: RunStore, cfg: OmniglotRunConfig, net, optimizer, me
 
 
 def train_omniglot(cfg: OmniglotRunConfig, store: RunStore, address: str | None = None,
-                   memory_storage: str | None = None, max_failures: int = 3) -> dict:
+                   memory_storage: str | None = None, max_failures: int = 3,
+                   data: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Train with Ray Train into the run folder `store`, resuming from its latest checkpoint.
+
+    data: the decoded Omniglot arrays (`load_omniglot`), shipped to the trainers through the
+    object store (about 25 MB); None: every trainer loads `cfg.data` itself.
 
     memory_storage: folder for the life-long memory's snapshots and write log (default: a local
     folder beside the run, or a temporary one for a remote run folder); on a multi-node cluster
@@ -125,7 +131,8 @@ def train_omniglot(cfg: OmniglotRunConfig, store: RunStore, address: str | None 
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"config": asdict(cfg), "store": store.uri,
-                           "memory_name": memory.name if memory is not None else None},
+                           "memory_name": memory.name if memory is not None else None,
+                           "data": ray.put(data) if data is not None else None},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
