@@ -114,6 +114,10 @@ def test_evaluation_reports_intervals():
     assert set(acc) == {"1", "2", "3", "4", "5"}
     assert 40 < acc["1"]["accuracy"] < 100 and 0 < acc["1"]["ci95"] < 15  # chance is 20%
     assert acc["5"]["accuracy"] > acc["1"]["accuracy"]
+    with pytest.raises(ValueError, match="max_shot"):
+        evaluate(queries, split, ways=5, episodes=5, per_class=5, max_shot=5)
+    with pytest.raises(ValueError, match="ways"):
+        evaluate(queries, split, ways=41, episodes=5)
 
 
 @pytest.mark.parametrize("mode", ["lifelong", "episodic"])
@@ -129,7 +133,7 @@ def test_evaluation_during_training_changes_neither_the_memory_nor_the_training(
         model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
         memory = LocalMemory(cfg.memory_config(), device="cpu")
-        curve = (lambda: evaluate(embed(model, split.images), split, 3, episodes=4, per_class=2)) if with_curve else None
+        curve = (lambda: evaluate(embed(model, split.images), split, 3, episodes=4, per_class=2, max_shot=1)) if with_curve else None
         points = [p for _, _, p in train_batches(model, memory, split, optimizer, cfg, np.random.default_rng(1), 0, curve)]
         assert sum(p is not None for p in points) == (3 if with_curve else 0)
         outcomes.append((memory.state(), model.state_dict()))

@@ -161,6 +161,11 @@ def evaluate(queries: Tensor, split: Split, ways: int, episodes: int, per_class:
     queries [n, d]: the split's images embedded once (`embed`). Returns {"1": {"accuracy",
     "ci95"}, ...} in percent.
     """
+    if not 1 <= max_shot < per_class:
+        raise ValueError(f"max_shot: expected 1 <= max_shot < per_class={per_class} (a k-shot presentation needs "
+                         f"k earlier drawings of its class), got {max_shot}")
+    if not 2 <= ways <= split.num_classes:
+        raise ValueError(f"ways: expected 2 <= ways <= {split.num_classes} (the split's classes), got {ways}")
     rng = np.random.default_rng(seed)
     batch = sample_episodes(split, rng, episodes, ways, per_class, global_labels=False)
     idx, labels = batch.indices.T, batch.labels.T  # (E, T)
