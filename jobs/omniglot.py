@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         name = f"omniglot-{cfg.preset}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         store = RunStore(f"{str(args.storage).rstrip('/')}/{name}")
-        store.write_text("config.json", json.dumps(asdict(cfg), indent=1))
+    store.write_text("config.json", json.dumps(asdict(cfg), indent=1))  # with a resume's overrides
     print(f"run folder: {store.uri}", flush=True)
 
     from distmem.distributed import connect  # imports Ray

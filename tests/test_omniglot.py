@@ -134,13 +134,43 @@ def test_evaluation_during_training_changes_neither_the_memory_nor_the_training(
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
         memory = LocalMemory(cfg.memory_config(), device="cpu")
         curve = (lambda: evaluate(embed(model, split.images), split, 3, episodes=4, per_class=2, max_shot=1)) if with_curve else None
-        points = [p for _, _, p in train_batches(model, memory, split, optimizer, cfg, np.random.default_rng(1), 0, curve)]
+        points = [p for _, _, p in train_batches(model, memory, split, optimizer, cfg, curve=curve)]
         assert sum(p is not None for p in points) == (3 if with_curve else 0)
         outcomes.append((memory.state(), model.state_dict()))
     (mem_a, weights_a), (mem_b, weights_b) = outcomes
     assert mem_a["step"] == (3 * 6 if mode == "lifelong" else 6) and (mem_a["values"] >= 0).any()
     assert state_equal(mem_a, mem_b)
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)  # BN statistics included
+
+
+@pytest.mark.parametrize("mode", ["lifelong", "episodic"])
+def test_a_run_resumed_from_a_checkpoint_continues_exactly(mode, tmp_path):
+    split = Split(np.random.default_rng(0).random((12 * 4, 28, 28), dtype=np.float32), np.repeat(np.arange(12), 4), 12)
+    cfg = OmniglotRunConfig(mode=mode, batches=4, parallel=2, width=3, per_class=2, memory_size=128, key_dim=32, k=8,
+                            lr=1e-2, lr_schedule="cosine")
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+        return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4), LocalMemory(cfg.memory_config(), device="cpu")
+
+    model, optimizer, memory = fresh(0)
+    for _ in train_batches(model, memory, split, optimizer, cfg, rank=1):
+        pass
+    first, first_opt, first_memory = fresh(0)  # 2 batches, a checkpoint, then a fresh process resumes at batch 2
+    for done, _, _ in train_batches(first, first_memory, split, first_opt, cfg, rank=1):
+        if done == 2:
+            break
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, tmp_path / "model.pt")
+    first_memory.save(tmp_path / "memory.arrow")
+    resumed, resumed_opt, resumed_memory = fresh(1)
+    saved = torch.load(tmp_path / "model.pt")
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_memory.load(tmp_path / "memory.arrow")
+    assert [d for d, _, _ in train_batches(resumed, resumed_memory, split, resumed_opt, cfg, rank=1, start=2)] == [3, 4]
+    assert state_equal(resumed_memory.state(), memory.state())
+    assert all(torch.equal(resumed.state_dict()[n], w) for n, w in model.state_dict().items())
 
 
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
@@ -155,3 +185,13 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     assert (run / "accuracy.png").stat().st_size > 1000
     assert (run / "checkpoints" / "latest.json").is_file()
     assert "5-way" in out.stdout and str(run.resolve()) in out.stdout
+    assert metrics["memory"]["step"] == 4 * 50 and metrics["memory"]["shard_nodes"] == 1
+
+    # resumed for 2 more batches: the model, the optimizer and the life-long memory continue from batch 4
+    out = subprocess.run([*cmd[:3], "--resume", str(run), "--batches", "6"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["batches"] == 6 and resumed["memory"]["step"] == 6 * 50  # not 2 * 50: the memory was restored
+    assert [c["batch"] for c in resumed["curve"]] == [2, 4, 6] and resumed["curve"][:2] == metrics["curve"]
+    assert json.loads((run / "config.json").read_text())["batches"] == 6

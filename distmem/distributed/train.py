@@ -66,13 +66,12 @@ def _worker(loop_config: dict) -> None:
         memory = ShardedMemory.attach(loop_config["memory_name"], rank)
     else:
         memory = LocalMemory(cfg.memory_config(), backend=cfg.backend, device=ray.train.torch.get_device())
-    rng = np.random.default_rng([cfg.seed, rank, start])
     started = time.time()
 
     def curve_point() -> dict:  # on rank 0 only: held-out classes, 5-way
         return evaluate(embed(net, curve_split.images), curve_split, 5, cfg.curve_episodes, seed=cfg.seed)
 
-    for done, metrics, point in train_batches(model, memory, train, optimizer, cfg, rng, start,
+    for done, metrics, point in train_batches(model, memory, train, optimizer, cfg, rank, start,
                                               curve_point if rank == 0 else None):
         if rank != 0:
             continue

@@ -86,21 +86,25 @@ def train_batch(model: torch.nn.Module, memory, split: Split, batch: EpisodeBatc
 
 
 def train_batches(model: torch.nn.Module, memory, train: Split, optimizer: torch.optim.Optimizer,
-                  cfg: "OmniglotRunConfig", rng: np.random.Generator, start: int = 0,
+                  cfg: "OmniglotRunConfig", rank: int = 0, start: int = 0,
                   curve: Callable[[], dict[str, dict[str, float]]] | None = None
                   ) -> Iterator[tuple[int, dict[str, float], dict[str, dict[str, float]] | None]]:
-    """The training loop from batch `start` to `cfg.batches`, one update per batch.
+    """The training loop of trainer `rank` from batch `start` to `cfg.batches`, one update per batch.
 
-    Episodic mode empties `memory` before every batch; life-long mode never does. `curve` (an
-    evaluation on held-out classes) runs every `cfg.eval_every` batches and after the last.
-    Yields (batches done, train_batch's metrics, the curve's result or None) after each batch.
+    Episodic mode empties `memory` before every batch; life-long mode never does. Each batch's
+    episodes and dropout are drawn from (seed, rank, batch), so a run resumed from a checkpoint at
+    batch `start` continues exactly as the uninterrupted run. `curve` (an evaluation on held-out
+    classes) runs every `cfg.eval_every` batches and after the last. Yields (batches done,
+    train_batch's metrics, the curve's result or None) after each batch.
     """
     for b in range(start, cfg.batches):
         if cfg.mode == "episodic":
             memory.clear()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, b)
-        batch = sample_episodes(train, rng, cfg.parallel, cfg.width, cfg.per_class,
+        seeds = np.random.SeedSequence([cfg.seed, rank, b])
+        torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0] >> 1))  # dropout
+        batch = sample_episodes(train, np.random.default_rng(seeds), cfg.parallel, cfg.width, cfg.per_class,
                                 global_labels=cfg.mode == "lifelong")
         metrics = train_batch(model, memory, train, batch, optimizer, cfg.clip_norm, cfg.step_group)
         done = b + 1
