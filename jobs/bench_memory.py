@@ -4,7 +4,8 @@
     python -m jobs.bench_memory --device cuda        # the same on a GPU
 
 Prints the median time of each and the median over rounds of the ratio step / bare search; each
-round times every line once, in one process on the same batch, so drift of the machine cancels. `--out FILE` also writes the figures as JSON.
+round times every line once, in one process on the same batch, so drift of the machine cancels.
+`--out FILE` also writes the figures as JSON; `--storage DIR|URI` into a new run folder there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
+from distmem.runs import RunStore
 
 
 def median_time(fn: Callable[[], object], repeats: int, sync: bool) -> float:
@@ -48,10 +50,15 @@ def interleaved(runs: dict[str, Callable[[], object]], rounds: int, sync: bool =
                    "times_s": ts} for name, ts in times.items()}
 
 
-def write_json(path: str | None, results: dict) -> None:
-    if path:
-        with open(path, "w") as f:
+def write_results(args: argparse.Namespace, name: str, results: dict) -> None:
+    """--out FILE: the figures as JSON; --storage DIR|URI: results.json in a new run folder there."""
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
+    if args.storage:
+        store = RunStore(f"{args.storage.rstrip('/')}/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        store.write_text("results.json", json.dumps(results, indent=2))
+        print(f"results in {store.uri}/results.json")
 
 
 def filled_state(size: int, dim: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
@@ -69,6 +76,9 @@ def problem_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--k", type=int, default=256)
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.add_argument("--storage", default=None, help="a folder or URI (s3://, gs://): results.json in a new run "
+                                                   "folder there, so results outlive a cluster")
     return p
 
 
@@ -86,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backends", default="torch,faiss")
     p.add_argument("--device", default="cpu")
     p.add_argument("--key-dtype", default="float32")
-    p.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
 
     import faiss  # the reference every backend is compared with
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": vars(args), "runs": interleaved(runs, args.repeats, sync)}
     for name, row in results["runs"].items():
         print(f"{name:<36} {row['median_s'] * 1e3:9.1f} ms   ratio {row['ratio']:.2f}")
-    write_json(args.out, results)
+    write_results(args, "bench-memory", results)
     return results
 
 

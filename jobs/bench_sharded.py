@@ -6,7 +6,7 @@ step, and the resident memory of a large sharded memory.
 
 All memories are built first, then each round times one step of every configuration in turn on
 the same batch and the same filled memory; ratios are medians of the per-round ratios, so slow
-drift of the machine cancels. `--out FILE` writes the figures as JSON.
+drift of the machine cancels. `--out FILE` writes the figures as JSON, `--storage DIR|URI` into a run folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import ray
 import torch
 
 from distmem import LocalMemory, MemoryConfig, ShardedMemory
-from jobs.bench_memory import filled_state, interleaved, median_time, problem, problem_parser, write_json
+from jobs.bench_memory import filled_state, interleaved, median_time, problem, problem_parser, write_results
 
 
 def rss_gib(pids: list[int]) -> dict[str, float]:
@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="faiss")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--scale-size", type=int, default=0, help="also build a memory of this many slots (4 shards)")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     cfg = MemoryConfig(size=args.size, key_dim=args.dim, k=args.k)
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"processes: private {rss['private']:.2f} GiB (idle processes {idle['private']:.2f} GiB, so "
               f"{memory:.2f} GiB = {memory / raw:.2f}x raw for the memory), plus {rss['shared']:.2f} GiB of "
               f"mapped object-store pages")
-    write_json(args.out, results)
+    write_results(args, "bench-sharded", results)
     return results
 
 

@@ -1,11 +1,15 @@
 """Tiny end-to-end runs of the benchmark entry points."""
 
+import json
+
 from jobs import bench_memory, bench_sharded
 
 
 def test_bench_memory_runs_and_reports_ratios(tmp_path):
     out = bench_memory.main(["--size", "3000", "--dim", "16", "--batch", "64", "--k", "8", "--repeats", "1",
-                             "--out", str(tmp_path / "m.json")])
+                             "--out", str(tmp_path / "m.json"), "--storage", f"file://{tmp_path}/runs"])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("bench-memory-") and json.loads((run / "results.json").read_text()) == out
     assert set(out["runs"]) == {"bare faiss IndexFlatIP.search", "bare faiss.knn (its kernel)",
                                 "LocalMemory.step backend=torch", "LocalMemory.step backend=faiss"}
     assert all(row["ratio"] > 0 for row in out["runs"].values()) and (tmp_path / "m.json").is_file()
