@@ -16,55 +16,22 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from distmem.data.omniglot import load_omniglot, make_split
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
-from distmem.runs import RunStore
 from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, embed, evaluate
+from jobs.runner import follow, open_run, parse_run_config
 
 
 def parse_config(argv: list[str] | None) -> tuple[OmniglotRunConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--storage", "--runs", dest="storage", default="runs",
-                   help="where run folders go: a local folder (default ./runs) or a URI (s3://bucket/prefix, "
-                        "gs://..., file:///...) so results outlive the cluster")
-    p.add_argument("--resume", default=None, help="a run folder (path or URI) to continue")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an "
-                                                   "embedded local Ray)")
-    p.add_argument("--memory-storage", default=None, help="life-long mode: a folder every node reaches for the "
-                                                          "memory shards' snapshots and write logs")
-    p.add_argument("--max-failures", type=int, default=3, help="trainer-group restarts after a lost worker")
-    for f in fields(OmniglotRunConfig):
-        if f.name != "preset":
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
-    args = p.parse_args(argv)
-    if args.resume:
-        try:
-            saved = json.loads(RunStore(args.resume).read_text("config.json"))
-        except FileNotFoundError:
-            p.error(f"--resume: {args.resume} is not a run folder (no config.json)")
-        cfg = OmniglotRunConfig(**saved)
-    else:
-        cfg = OmniglotRunConfig(preset=args.preset, **PRESETS[args.preset])
-    overrides = {f.name: getattr(args, f.name) for f in fields(OmniglotRunConfig)
-                 if f.name != "preset" and getattr(args, f.name) is not None}
-    cfg = OmniglotRunConfig(**{**asdict(cfg), **overrides})
+    cfg, args = parse_run_config(OmniglotRunConfig, PRESETS, __doc__, argv,
+                                 counts=("workers", "shards", "batches", "step_group"))
     if cfg.mode not in ("episodic", "lifelong"):
-        p.error(f"--mode must be 'episodic' or 'lifelong', got {cfg.mode!r}")
+        raise SystemExit(f"--mode must be 'episodic' or 'lifelong', got {cfg.mode!r}")
     if cfg.lr_schedule not in ("constant", "cosine"):
-        p.error(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    for name in ("workers", "shards", "batches", "step_group"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+        raise SystemExit(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     return cfg, args
 
 
@@ -89,48 +56,30 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_config(argv)
     started = time.time()
     raw = load_omniglot(cfg.data, cfg.cache, progress=True)  # a missing file fails here, before Ray
-    if args.resume:
-        store = RunStore(args.resume)
-    else:
-        name = f"omniglot-{cfg.preset}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        store = RunStore(f"{str(args.storage).rstrip('/')}/{name}")
-    store.write_text("config.json", json.dumps(asdict(cfg), indent=1))  # with a resume's overrides
-    print(f"run folder: {store.uri}", flush=True)
+    store = open_run(cfg, args, name=f"omniglot-{cfg.preset}-{cfg.mode}")
 
     from distmem.distributed import connect  # imports Ray
-    from distmem.distributed.train import latest_checkpoint, train_omniglot
+    from distmem.distributed.omniglot import train_omniglot
+    from distmem.distributed.train import latest_checkpoint, load_checkpoint
     connect(args.address)  # here, not in the training thread: an embedded Ray lives as long as the thread that starts it
-    outcome: dict = {}
 
-    def train() -> None:
-        outcome["result"] = train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures, data=raw)
+    def postfix(state: dict) -> dict[str, str]:
+        curve = state.get("curve") or {}
+        return {"loss": f"{state['loss']:.3f}", **({"5w1s": f"{curve['1-shot']:.1f}"} if curve else {})}
 
-    thread = threading.Thread(target=train)
-    thread.start()
-    with tqdm(total=cfg.batches, desc=f"training ({cfg.mode}, {cfg.workers} worker(s))", unit="batch",
-              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:  # a log file gets a line per 30 s
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            try:
-                state = json.loads(store.read_text("progress.json"))
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-            bar.update(state["batch"] - bar.n)
-            curve = state.get("curve") or {}
-            bar.set_postfix(loss=f"{state['loss']:.3f}", **({"5w1s": f"{curve['1-shot']:.1f}"} if curve else {}))
-    if "result" not in outcome:
-        raise SystemExit("training failed (see the Ray Train error above)")
+    result = follow(store, cfg.batches, f"training ({cfg.mode}, {cfg.workers} worker(s))",
+                    lambda: train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures, data=raw),
+                    unit="batch", key="batch", postfix=postfix)
     train_seconds = time.time() - started
 
     checkpoint = latest_checkpoint(store)
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = torch.load(store.download(f"{checkpoint}/model.pt", Path(tmp) / "model.pt"), weights_only=False)
+    saved = load_checkpoint(store, checkpoint)
     _, test = make_split(raw, cfg.split)
     net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
     net.load_state_dict(saved["model"])
     queries = embed(net, test.images)
     results = {str(w): evaluate(queries, test, w, cfg.eval_episodes, seed=cfg.seed + 1) for w in (5, 20)}
-    memory, memory_info = outcome["result"]["memory"], None
+    memory, memory_info = result["memory"], None
     if memory is not None:
         state = memory.state()
         memory_info = {"step": int(state["step"]), "filled": int((state["values"] >= 0).sum()),

@@ -1,0 +1,133 @@
+"""The GNMT-style model with memory: shapes, padding, where the memory loss's gradient goes, beam
+search against an exhaustive search, and decoding that recalls a written token."""
+
+import itertools
+
+import pytest
+import torch
+
+from distmem import LocalMemory, MemoryConfig
+from distmem.data.rare_symbols import RareSymbolTask, TrainingStream
+from distmem.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from distmem.tasks.rare_symbols import to_tensors, train_step
+
+SRC, TGT, BOS, EOS = 30, 33, 31, 32  # source ids 1..29, target ids 1..30, BOS, EOS; 0 is padding
+
+
+def model(seed=0, **kw) -> Seq2Seq:
+    torch.manual_seed(seed)
+    return Seq2Seq(Seq2SeqConfig(src_vocab=SRC, tgt_vocab=TGT, bos=BOS, eos=EOS, hidden=16, **kw))
+
+
+def batch(b=3, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(1, SRC, (b, length), generator=g)
+    y = torch.randint(1, 31, (b, length), generator=g)
+    tgt_out = torch.cat([y, torch.full((b, 1), EOS)], 1)
+    tgt_in = torch.cat([torch.full((b, 1), BOS), y], 1)
+    return src, tgt_in, tgt_out
+
+
+def memory(size=64, k=4) -> LocalMemory:
+    return LocalMemory(MemoryConfig(size=size, key_dim=16, k=k, age_noise=0.0), device="cpu")
+
+
+def test_shapes_and_padding():
+    net = model(encoder_layers=3, decoder_layers=3)
+    src, tgt_in, tgt_out = batch()
+    out = net(src, tgt_in, tgt_out, memory())
+    assert out.logits.shape == (3, 6, TGT) and out.value.shape == out.confidence.shape == (3, 6)
+    assert out.read.query.shape == (18, 16) and torch.isfinite(out.loss)
+    padded = torch.cat([src[:1], torch.zeros(1, 3, dtype=torch.int64)], 1)  # the same sequence, 3 pads after it
+    assert torch.allclose(net.encoder(padded)[:, :5], net.encoder(src[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match="hidden must be even"):
+        Seq2SeqConfig(src_vocab=SRC, tgt_vocab=TGT, bos=BOS, eos=EOS, hidden=15)
+
+
+def test_the_memory_loss_reaches_the_attention_and_the_encoder_never_the_keys():
+    net = model()
+    mem = memory()
+    src, tgt_in, tgt_out = batch()
+    mem.write(net(src, tgt_in, tgt_out, mem).read)  # a memory holding this batch's own labels
+    keys_before = mem.keys.clone()
+    out = net(src, tgt_in, tgt_out, mem)
+    net.zero_grad()
+    out.read.loss.backward()  # the memory loss alone
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    for name in ("memory_layer.query_proj.weight", "attention.query.weight", "attention.key.weight",
+                 "bottom.weight_ih_l0", "encoder.bottom.weight_ih_l0"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    used = grads["encoder.embed.weight"].abs().sum(1) > 0  # the source tokens of the batch, and only they
+    assert set(torch.nonzero(used).flatten().tolist()) == set(src.flatten().tolist())
+    assert grads["out_bias"] is None or grads["out_bias"].abs().sum() == 0  # logits are not in the memory loss
+    assert torch.equal(mem.keys, keys_before) and not mem.keys.requires_grad
+    net.zero_grad()
+    out = net(src, tgt_in, tgt_out, mem)
+    out.ce.backward()  # the recalled value's embedding: the gain learns from the cross-entropy
+    assert out.confidence.min() > 0 and net.memory_gain.grad.abs() > 0
+
+
+def test_a_model_without_memory_has_no_memory_parameters_and_reads_none():
+    net = model(use_memory=False)
+    assert not any("memory" in name for name, _ in net.named_parameters())
+    src, tgt_in, tgt_out = batch()
+    out = net(src, tgt_in, tgt_out, memory())
+    assert out.read is None and (out.value == -1).all() and torch.equal(out.loss, out.ce)
+
+
+def test_beam_search_finds_the_exhaustive_best_and_beam_one_is_greedy():
+    V, bos, eos = 6, 4, 5  # targets 1..3, BOS, EOS: few enough to score every hypothesis
+    torch.manual_seed(2)
+    net = Seq2Seq(Seq2SeqConfig(src_vocab=SRC, tgt_vocab=V, bos=bos, eos=eos, hidden=16, use_memory=False))
+    src = torch.randint(1, SRC, (2, 2), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(net.beam_search(src, beam=1, max_len=3), net.greedy(src, max_len=3))
+    best = net.beam_search(src, beam=64, max_len=3)  # wider than the hypotheses: nothing is pruned
+    tokens = [t for t in range(1, V) if t != eos]
+    hypotheses = [(*prefix, eos) for n in range(3) for prefix in itertools.product(tokens, repeat=n)]
+    hypotheses += [(*prefix, t) for prefix in itertools.product(tokens, repeat=2) for t in tokens]  # cut at max_len
+    for row in range(2):
+        def score(seq):
+            out = torch.tensor([seq])
+            logp = torch.log_softmax(net(src[row:row + 1], torch.cat([torch.tensor([[bos]]), out[:, :-1]], 1)).logits, -1)
+            return float(logp[0, torch.arange(len(seq)), out[0]].sum().detach())
+        assert tuple(t for t in best[row].tolist() if t != 0) == max(hypotheses, key=score)
+
+
+@pytest.fixture(scope="module")
+def aligned():
+    """A small model trained (without memory) on a small rare-symbol task until its attention aligns,
+    and that task. Its memory gain is then set high: the recalled value decides where it is confident."""
+    task = RareSymbolTask(vocab=SRC - 1, frequent=20, rare_train_end=25, length=6)
+    torch.manual_seed(0)
+    net = Seq2Seq(Seq2SeqConfig(src_vocab=task.vocab + 1, tgt_vocab=task.target_vocab, bos=task.bos, eos=task.eos,
+                                hidden=32))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    stream = TrainingStream(task, 16)
+    for _ in range(300):
+        metrics = train_step(net, None, task, next(stream), optimizer)
+    assert metrics["accuracy"] > 0.7  # frequent symbols mapped; the rare ones cannot be
+    with torch.no_grad():
+        net.memory_gain.fill_(30.0)
+    return net.eval(), task
+
+
+def test_decoding_recalls_a_written_token_it_never_produced(aligned):
+    net, task = aligned
+    symbol = int(task.rare_test[0])  # never in training, nor its target f(symbol)
+    src = torch.randint(1, task.frequent + 1, (2, task.length), generator=torch.Generator().manual_seed(3))
+    src[:, 2] = symbol
+    mem = LocalMemory(MemoryConfig(size=64, key_dim=32, k=4, age_noise=0.0), device="cpu")
+    plain = net.greedy(src, mem)  # an empty memory changes nothing
+    assert torch.equal(plain, net.greedy(src, None))
+    target = int(task.mapping()[symbol])
+    assert not (plain[:, 2] == target).any()
+    # the context: the sequence read and written with its gold labels, as in the test protocol
+    context = to_tensors(task, src.numpy())
+    net.write_decoded(mem, net.teacher_forced_queries(context.src, context.tgt_in), context.tgt_out)
+    assert (net.greedy(src, mem)[:, 2] == target).all()  # the remembered token, never emitted in training
+    assert (net.beam_search(src, mem, beam=3)[:, 2] == target).all()
+    before = mem.state()
+    net.greedy(src, mem)  # decoding reads, never writes, unless asked
+    assert all(torch.equal(v, before[k]) for k, v in mem.state().items())
+    net.greedy(src, mem, write=True)
+    assert mem.step_count == before["step"] + 1
