@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from distmem.config import MemoryConfig
-from distmem.rules import ShardWrite
+from distmem.rules import RecentSlots, ShardWrite
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -166,6 +166,10 @@ def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, di
     if len(steps) != 1:
         raise ValueError(f"path: {path} mixes parts from different steps {sorted(steps)}")
     state = {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
+    if len(pieces) > 1:  # a label may have a recent slot in several parts: R keeps its newest
+        recent = RecentSlots()
+        recent.update(*(state[name] for name in _RECENT))
+        state.update(recent.state())
     state["step"] = torch.tensor(steps.pop())
     return config, state
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from distmem import LocalMemory
 from distmem.data.rare_symbols import ProbeStream
 from distmem.models.seq2seq import Seq2Seq
 from distmem.runs import RunStore
@@ -41,6 +43,19 @@ def parse_config(argv: list[str] | None) -> tuple[RareSymbolRunConfig, argparse.
     except (TypeError, ValueError) as err:
         raise SystemExit(f"invalid configuration: {err}") from None
     return cfg, args
+
+
+def trained_memory(cfg: RareSymbolRunConfig, store: RunStore, checkpoint: str) -> LocalMemory:
+    """The life-long memory saved with `checkpoint`, as one `LocalMemory` in this process: the test
+    protocol writes into it step by step (faster here than through the shards' actors); the
+    checkpoint itself stays as it was."""
+    memory = LocalMemory(cfg.memory_config(), backend=cfg.backend)
+    if store.local:
+        memory.load(store.path(f"{checkpoint}/memory"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            memory.load(store.download(f"{checkpoint}/memory", Path(tmp) / "memory"))
+    return memory
 
 
 def plot_recall(results: dict, path: Path, title: str) -> None:
@@ -72,22 +87,24 @@ def main(argv: list[str] | None = None) -> dict:
     store = open_run(cfg, args, name=f"rare-symbols-{cfg.preset}")
 
     from distmem.distributed import connect  # imports Ray
-    from distmem.distributed.rare_symbols import restore_memory, train_rare_symbols
+    from distmem.distributed.rare_symbols import train_rare_symbols
     from distmem.distributed.train import latest_checkpoint, load_checkpoint
     connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it
 
     trained: dict[str, dict] = {}
+    checkpoints: dict[str, str] = {}
     for variant, use_memory in VARIANTS.items():
         sub = RunStore(store.location(variant))
         follow(sub, cfg.steps, f"training {'with' if use_memory else 'without'} memory", unit="step", key="step",
                work=lambda sub=sub, use_memory=use_memory: train_rare_symbols(
                    cfg, sub, use_memory, args.address, args.memory_storage, args.max_failures),
                postfix=lambda s: {"ce": f"{s['ce']:.2f}", "acc": f"{s['accuracy']:.3f}"})
-        trained[variant] = load_checkpoint(sub, latest_checkpoint(sub))
+        checkpoints[variant] = latest_checkpoint(sub)
+        trained[variant] = load_checkpoint(sub, checkpoints[variant])
     train_seconds = time.time() - started
 
     task = cfg.task()
-    stream = ProbeStream(task, cfg.batch_size * cfg.workers, cfg.gap_list(),
+    stream = ProbeStream(task, cfg.batch_size, cfg.gap_list(),
                         symbols_per_gap=cfg.symbols_per_gap or None)
     results: dict[str, dict] = {}
     protocol_seconds: dict[str, float] = {}
@@ -95,12 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         model = Seq2Seq(cfg.model_config(use_memory))
         model.load_state_dict(trained[variant]["model"])
-        memory = restore_memory(cfg, RunStore(store.location(variant)), args.address) if use_memory else None
+        memory = trained_memory(cfg, RunStore(store.location(variant)), checkpoints[variant]) if use_memory else None
         with tqdm(total=len(stream), desc=f"test protocol ({variant})", unit="step",
                   mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
             results[variant] = run_protocol(model, memory, task, stream, progress=lambda n: bar.update(n - bar.n))
-        if memory is not None:
-            memory.shutdown()
         protocol_seconds[variant] = time.time() - t0
 
     metrics = {"preset": cfg.preset, "workers": cfg.workers, "shards": cfg.shards, "steps": cfg.steps,
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                "results": results, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "protocol_seconds": protocol_seconds,
                "rare_training_symbols_used_up_at_step": trained["memory"].get("rare_exhausted_at"),
-               "memory_gain": float(trained["memory"]["model"]["memory_gain"]),
+               "memory_gain": math.exp(float(trained["memory"]["model"]["memory_log_gain"])),
                "curves": {variant: t["curve"] for variant, t in trained.items()}}
     store.write_text("metrics.json", json.dumps(metrics, indent=1))
     with tempfile.TemporaryDirectory() as tmp:

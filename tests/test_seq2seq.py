@@ -2,6 +2,7 @@
 search against an exhaustive search, and decoding that recalls a written token."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_the_memory_loss_reaches_the_attention_and_the_encoder_never_the_keys():
     net.zero_grad()
     out = net(src, tgt_in, tgt_out, mem)
     out.ce.backward()  # the recalled value's embedding: the gain learns from the cross-entropy
-    assert out.confidence.min() > 0 and net.memory_gain.grad.abs() > 0
+    assert out.confidence.min() > 0 and net.memory_log_gain.grad.abs() > 0
 
 
 def test_a_model_without_memory_has_no_memory_parameters_and_reads_none():
@@ -107,7 +108,7 @@ def aligned():
         metrics = train_step(net, None, task, next(stream), optimizer)
     assert metrics["accuracy"] > 0.7  # frequent symbols mapped; the rare ones cannot be
     with torch.no_grad():
-        net.memory_gain.fill_(30.0)
+        net.memory_log_gain.fill_(math.log(30.0))
     return net.eval(), task
 
 

@@ -97,14 +97,17 @@ def test_killed_shard_restarts_from_snapshot_and_log(sharded_cls, ray_local, tmp
         mem.shutdown()
 
 
-def test_checkpoint_loads_into_other_shard_counts(sharded_cls, tmp_path):
-    stream = batches(6, 1, seed=3)
+def test_checkpoint_loads_into_other_shard_counts(sharded_cls, ray_local, tmp_path):
+    ray = ray_local
+    stream = batches(25, 1, seed=3)  # 150 writes into 120 slots: labels have recent slots in both shards
     two = sharded_cls(CFG, 2)
     three = sharded_cls(CFG, 3)
     try:
         for step in stream:
             two.step(*step[0])
         two.save(tmp_path / "ckpt")
+        per_shard = [set(ray.get(s.state.remote())["recent_labels"].tolist()) for s in two.shards]
+        assert per_shard[0] & per_shard[1]  # the case where loading must keep each label's newest slot
         three.load(tmp_path / "ckpt")
         local = LocalMemory.from_file(tmp_path / "ckpt", device="cpu")
         assert state_equal(three.state(), two.state()) and state_equal(local.state(), two.state())

@@ -91,11 +91,3 @@ def train_rare_symbols(cfg: RareSymbolRunConfig, store: RunStore, use_memory: bo
         if memory is not None:
             memory.shutdown()
 
-
-def restore_memory(cfg: RareSymbolRunConfig, store: RunStore, address: str | None = None) -> ShardedMemory:
-    """A one-writer `ShardedMemory` holding the memory of the run's latest checkpoint (the test
-    protocol writes into it; the checkpoint itself stays as it was)."""
-    connect(address)
-    memory = ShardedMemory(cfg.memory_config(), cfg.shards, backend=cfg.backend, num_writers=1)
-    memory.load(store.location(f"{latest_checkpoint(store)}/memory"))
-    return memory

@@ -50,7 +50,8 @@ def train_step(model: Seq2Seq, memory, task: RareSymbolTask, batch: StreamBatch,
     """One update on a stream batch; writes the batch into `memory` (None: a model without one).
 
     Returns the cross-entropy, the memory loss, the token accuracy, and the accuracy on the rare
-    symbols that come back (kind 2: seen before, so only the memory can know them early on).
+    symbols that come back (kind 2: seen before, so only the memory can know them early on): the
+    model's, and (with a memory) the memory's own value there.
     """
     model.train()
     device = next(model.parameters()).device
@@ -68,7 +69,11 @@ def train_step(model: Seq2Seq, memory, task: RareSymbolTask, batch: StreamBatch,
     returns = np.nonzero(batch.kind == 2)[0]
     if len(returns):
         rows, pos = torch.from_numpy(returns), torch.from_numpy(batch.rare_pos[returns])
-        metrics["return_accuracy"] = float((pred[rows, pos] == t.tgt_out[rows, pos]).float().mean())
+        gold = t.tgt_out[rows, pos]
+        metrics["return_accuracy"] = float((pred[rows, pos] == gold).float().mean())
+        if out.read is not None:  # what the memory itself returned there
+            metrics["return_memory_accuracy"] = float((out.value[rows, pos] == gold).float().mean())
+            metrics["return_confidence"] = float(out.confidence[rows, pos].detach().mean())
     return metrics
 
 
@@ -149,13 +154,13 @@ class RareSymbolRunConfig:
 
     preset: str = "default"
     model: str = "tiny"             # a key of distmem.models.seq2seq.MODEL_PRESETS
-    workers: int = 1                # data-parallel trainers (Ray Train)
+    workers: int = 2                # data-parallel trainers (Ray Train)
     cpus_per_worker: int = 0        # CPUs each trainer reserves (0: the cluster's CPUs / workers)
     threads: int = 0                # torch threads per trainer (0: its CPUs)
-    shards: int = 1                 # memory shards
-    steps: int = 4000               # training steps (one batch per trainer each)
+    shards: int = 2                 # memory shards
+    steps: int = 2000               # training steps (one batch per trainer each)
     batch_size: int = 16            # sequences per trainer per step
-    lr: float = 1e-3
+    lr: float = 3e-3
     clip_norm: float = 5.0
     memory_size: int = 65536
     k: int = 256
