@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distmem import LocalMemory
 from distmem.data.rare_symbols import RareSymbolTask, ProbeStream, TrainingStream
 from distmem.tasks.rare_symbols import ProbeResult, summarize, to_tensors
 
@@ -129,6 +130,8 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
         assert set(metrics["results"][variant]) == {"1", "10"}
         assert all(r["probes"] == 16 for r in metrics["results"][variant].values())
         assert (run / variant / "checkpoints" / "latest.json").is_file()
-    assert (run / "memory" / "checkpoints" / "step-0000020" / "memory" / "manifest.json").is_file()
+    saved = LocalMemory.from_file(run / "memory" / "checkpoints" / "step-0000020" / "memory", device="cpu")
+    assert saved.step_count == 20 and (saved.values >= 0).sum() > 0  # life-long: one memory step a training step
+    assert [p["step"] for p in metrics["curves"]["memory"]] == [10, 20]
     assert (run / "recall.png").stat().st_size > 1000
     assert "without" in out.stdout and str(run.resolve()) in out.stdout

@@ -60,7 +60,8 @@ def test_the_memory_loss_reaches_the_attention_and_the_encoder_never_the_keys():
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     used = grads["encoder.embed.weight"].abs().sum(1) > 0  # the source tokens of the batch, and only they
     assert set(torch.nonzero(used).flatten().tolist()) == set(src.flatten().tolist())
-    assert grads["out_bias"] is None or grads["out_bias"].abs().sum() == 0  # logits are not in the memory loss
+    for name in ("context_out.weight", "memory_log_gain"):  # the output side is not in the memory loss
+        assert grads[name] is None or grads[name].abs().sum() == 0, name
     assert torch.equal(mem.keys, keys_before) and not mem.keys.requires_grad
     net.zero_grad()
     out = net(src, tgt_in, tgt_out, mem)
@@ -74,6 +75,22 @@ def test_a_model_without_memory_has_no_memory_parameters_and_reads_none():
     src, tgt_in, tgt_out = batch()
     out = net(src, tgt_in, tgt_out, memory())
     assert out.read is None and (out.value == -1).all() and torch.equal(out.loss, out.ce)
+
+
+def test_step_by_step_decoding_equals_the_teacher_forced_pass():
+    """The incremental decoder (LSTM states, the relative-position bias at each step's offset, the
+    memory read) computes what the teacher-forced pass does over the whole sequence."""
+    net = model(alignment_window=2, alignment_prior=2.0)
+    with torch.no_grad():
+        net.attention.relative.normal_()  # every offset its own bias
+    src, tgt_in, tgt_out = batch(length=6)
+    mem = memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(40, 16), dim=-1), torch.randint(1, 31, (40,)))
+    full = torch.log_softmax(net(src, tgt_in, None, mem).logits, -1)
+    state = net.encode(src)
+    for t in range(tgt_in.shape[1]):
+        logp, _, state = net._step(tgt_in[:, t], state, mem)
+        torch.testing.assert_close(logp, full[:, t], rtol=1e-4, atol=1e-4)
 
 
 def test_beam_search_finds_the_exhaustive_best_and_beam_one_is_greedy():
