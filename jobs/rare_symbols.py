@@ -2,7 +2,7 @@
 
     python -m jobs.rare_symbols                      # default preset, embedded local Ray
     python -m jobs.rare_symbols --preset quick       # a smoke run (CI)
-    python -m jobs.rare_symbols --workers 2 --shards 2
+    python -m jobs.rare_symbols --workers 4 --shards 4 --steps 4000   # any number of trainers and shards
     python -m jobs.rare_symbols --resume runs/rare-symbols-...   # continue from the latest checkpoints
 
 Trains both models on the seeded life-long stream with Ray Train (the memory model's memory is a

@@ -96,7 +96,7 @@ def follow(store: RunStore, total: int, desc: str, work: Callable[[], Any], unit
             except (FileNotFoundError, json.JSONDecodeError):
                 continue
             bar.update(state[key] - bar.n)
-            bar.set_postfix(**postfix(state))
+            bar.set_postfix(postfix(state), refresh=False)  # refreshed by update(), at most every mininterval
     if "result" not in outcome:
         raise SystemExit(f"{desc} failed (see the Ray Train error above)")
     return outcome["result"]

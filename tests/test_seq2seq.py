@@ -69,6 +69,24 @@ def test_the_memory_loss_reaches_the_attention_and_the_encoder_never_the_keys():
     assert out.confidence.min() > 0 and net.memory_log_gain.grad.abs() > 0
 
 
+@pytest.mark.parametrize("bad, message", [
+    (lambda src, ti, to: (src.float(), ti, to), "src must be an int64"),
+    (lambda src, ti, to: (src, ti[:2], to), "tgt_in must have 3 rows"),
+    (lambda src, ti, to: (src, ti, to[:, :-1]), "tgt_out must have the shape"),
+    (lambda src, ti, to: (src + SRC, ti, to), r"src ids must be in \[0, 30\)"),
+    (lambda src, ti, to: (src, ti, to - 40), r"tgt_out ids must be in \[0, 33\)"),
+])
+def test_bad_tokens_are_refused_by_name_and_the_memory_is_untouched(bad, message):
+    net, mem = model(), memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(8, 16), dim=-1), torch.randint(1, 31, (8,)))
+    before = mem.state()
+    with pytest.raises((TypeError, ValueError), match=message):
+        net(*bad(*batch()), mem)
+    assert all(torch.equal(v, before[k]) for k, v in mem.state().items())
+    with pytest.raises(TypeError, match="src must be an int64"):
+        net.greedy(batch()[0].float(), mem)
+
+
 def test_a_model_without_memory_has_no_memory_parameters_and_reads_none():
     net = model(use_memory=False)
     assert not any("memory" in name for name, _ in net.named_parameters())

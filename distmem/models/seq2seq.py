@@ -43,7 +43,12 @@ class Seq2SeqConfig:
     residual_from: int = 2    # 0-based layer index where residual connections start (GNMT: the third)
     dropout: float = 0.0
     use_memory: bool = True
-    memory_gain: float = 1.0  # initial scale of the embedded memory value (learned, > 0)
+    # initial scale of the embedded memory value (learned on a log scale, > 0). Large, because the
+    # recalled token of a never-seen symbol has to beat the network's own confident guess: measured
+    # on the rare-symbol task, a gain that started at 1 grew to 10 in 2,000 steps and stopped
+    # there (training returns were by then learned), and 51% of the probes were right; the same
+    # model with the gain set to 15 / 20 / 30 got 96 / 98 / 100%, frequent symbols unchanged.
+    memory_gain: float = 20.0
     # Two additions to GNMT, both measured on the rare-symbol task (full 16k vocabulary), where
     # without them the model stayed at the unigram plateau (4.8% token accuracy after 1,500 steps)
     # and with them reached 95% in 1,000:
@@ -105,6 +110,17 @@ def _stack(cfg: Seq2SeqConfig, layers: list[nn.LSTM], x: Tensor, extra: Tensor |
         x = x + y if first_index + i >= cfg.residual_from else y
         new_states.append(state)
     return x, new_states
+
+
+def _check_tokens(name: str, x: Tensor, vocab: int, rows: int | None = None) -> None:
+    """x must be int64 [B, T] with ids in [0, vocab) (0 = padding)."""
+    if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 2:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be an int64 tensor [batch, length], got {got}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (the batch of src), got {x.shape[0]}")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        raise ValueError(f"{name} ids must be in [0, {vocab}), got [{int(x.min())}, {int(x.max())}]")
 
 
 def _positions(start: int, length: int, limit: int, device) -> Tensor:
@@ -251,6 +267,12 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None, memory=None) -> Seq2SeqOutput:
         """Teacher-forced pass. With tgt_out [B, T] (the gold next tokens) the memory is read with
         them as labels (loss, recent-slot candidate) and the cross-entropy is computed."""
+        _check_tokens("src", src, self.cfg.src_vocab)
+        _check_tokens("tgt_in", tgt_in, self.cfg.tgt_vocab, rows=src.shape[0])
+        if tgt_out is not None:
+            _check_tokens("tgt_out", tgt_out, self.cfg.tgt_vocab, rows=src.shape[0])
+            if tgt_out.shape != tgt_in.shape:
+                raise ValueError(f"tgt_out must have the shape of tgt_in {list(tgt_in.shape)}, got {list(tgt_out.shape)}")
         context, top, _ = self.decode_steps(tgt_in, self.encode(src))
         mask = (tgt_out if tgt_out is not None else tgt_in) != self.cfg.pad
         value = torch.full(mask.shape, -1, dtype=torch.int64, device=src.device)
@@ -287,6 +309,7 @@ class Seq2Seq(nn.Module):
         """Greedy decoding: src [B, S] -> tokens [B, T] (after EOS: padding). The memory is read at
         every step; with write=True the decoded tokens are then written as its labels. (Put the
         model in eval mode first if it has dropout.)"""
+        _check_tokens("src", src, self.cfg.src_vocab)
         max_len = max_len if max_len is not None else src.shape[1] + 1
         state = self.encode(src)
         prev = torch.full((src.shape[0],), self.cfg.bos, dtype=torch.int64, device=src.device)
@@ -311,6 +334,7 @@ class Seq2Seq(nn.Module):
         """Beam search: src [B, S] -> the best hypothesis per row [B, T] (after EOS: padding).
         Scores are log-probabilities divided by ((5 + length) / 6) ** length_penalty (GNMT's).
         The memory is read, never written."""
+        _check_tokens("src", src, self.cfg.src_vocab)
         B, V = src.shape[0], self.cfg.tgt_vocab
         max_len = max_len if max_len is not None else src.shape[1] + 1
         rows = torch.arange(B, device=src.device).repeat_interleave(beam)
