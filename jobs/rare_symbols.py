@@ -133,11 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\nRare-symbol task ({cfg.preset} preset): accuracy on probes, % "
           f"({metrics['probes_per_gap']} probes per gap)")
-    print(f"{'gap':>6} | {'with memory: rare 1-shot':>24} {'frequent':>9} {'exact seq':>9} | "
+    print(f"{'gap':>6} | {'with memory: rare 1-shot [95% CI]':>33} {'frequent':>9} {'exact seq':>9} | "
           f"{'without: rare':>13} {'frequent':>9} {'exact seq':>9}")
     for gap in results["memory"]:
         m, b = results["memory"][gap], results["baseline"][gap]
-        print(f"{gap:>6} | {m['rare_accuracy']:16.1f} ± {m['rare_ci95']:4.1f} {m['frequent_accuracy']:9.1f} "
+        lo, hi = m["rare_ci95"]
+        print(f"{gap:>6} | {m['rare_accuracy']:19.1f} [{lo:5.1f}, {hi:5.1f}] {m['frequent_accuracy']:9.1f} "
               f"{m['exact_sequences']:9.1f} | {b['rare_accuracy']:13.1f} {b['frequent_accuracy']:9.1f} "
               f"{b['exact_sequences']:9.1f}")
     print(f"\nwall time {metrics['wall_seconds']:.0f} s (training {train_seconds:.0f} s); metrics.json and "

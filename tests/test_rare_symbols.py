@@ -12,7 +12,7 @@ import pytest
 
 from distmem import LocalMemory
 from distmem.data.rare_symbols import RareSymbolTask, ProbeStream, TrainingStream
-from distmem.tasks.rare_symbols import ProbeResult, summarize, to_tensors
+from distmem.tasks.rare_symbols import ProbeResult, summarize, to_tensors, wilson_interval
 
 ROOT = Path(__file__).parents[1]
 TASK = RareSymbolTask(seed=3)
@@ -116,6 +116,10 @@ def test_teacher_forcing_tensors_and_the_summary_of_probes():
     out = summarize(results, (1, 100))
     assert out["1"]["rare_accuracy"] == 50.0 and out["1"]["probes"] == 2 and out["1"]["exact_sequences"] == 50.0
     assert out["1"]["frequent_accuracy"] == pytest.approx(100 * 37 / 38) and out["100"]["rare_accuracy"] == 0.0
+    assert out["100"]["rare_ci95"][0] == 0.0 and out["100"]["rare_ci95"][1] > 50  # one probe says little
+    assert wilson_interval(512, 512)[0] == pytest.approx(100 * 512 / (512 + 1.96 ** 2))  # the closed form at p = 1
+    lo, hi = wilson_interval(30, 100)
+    assert lo < 30 < hi and hi - lo == pytest.approx(17.7, abs=0.1)
 
 
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):

@@ -112,7 +112,7 @@ def run_protocol(model: Seq2Seq, memory, task: RareSymbolTask, stream: ProbeStre
                  progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """The test protocol on `stream` for a model with `memory` (written as it goes) or without
     (memory None: its probes only). Returns per gap {"rare_accuracy", "frequent_accuracy",
-    "exact_sequences", "probes", "rare_ci95"} in percent."""
+    "exact_sequences", "probes", "rare_ci95" (Wilson interval [low, high])} in percent."""
     model.eval()
     device = next(model.parameters()).device
     gaps = {item.symbol: item.gap for item in stream.items}
@@ -131,8 +131,19 @@ def run_protocol(model: Seq2Seq, memory, task: RareSymbolTask, stream: ProbeStre
     return summarize(results, stream.gaps)
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score 95% interval of a proportion, in percent (unlike the normal approximation
+    it does not shrink to a point at 0% or 100%)."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [100 * max(0.0, centre - half), 100 * min(1.0, centre + half)]
+
+
 def summarize(results: list[ProbeResult], gaps: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """Per gap: 1-shot accuracy on the rare test symbols (with a normal-approximation 95% interval),
+    """Per gap: 1-shot accuracy on the rare test symbols (with a Wilson 95% interval),
     accuracy on the frequent positions of the probes, and the share of fully right probes."""
     out = {}
     for gap in gaps:
@@ -141,7 +152,7 @@ def summarize(results: list[ProbeResult], gaps: tuple[int, ...]) -> dict[str, di
         hits = sum(r.rare_hit for r in mine)
         p = hits / n if n else float("nan")
         out[str(gap)] = {"rare_accuracy": 100 * p,
-                         "rare_ci95": 100 * 1.96 * math.sqrt(p * (1 - p) / n) if n else float("nan"),
+                         "rare_ci95": wilson_interval(hits, n),
                          "frequent_accuracy": 100 * sum(r.frequent_right for r in mine) / max(1, sum(r.frequent_total for r in mine)),
                          "exact_sequences": 100 * sum(r.exact for r in mine) / n if n else float("nan"),
                          "probes": n}
