@@ -21,7 +21,7 @@ import torch
 from distmem import LocalMemory
 from distmem.data.omniglot import load_omniglot, make_split
 from distmem.distributed.memory import ShardedMemory, connect
-from distmem.distributed.train import fit, latest_checkpoint, lifelong_memory, load_checkpoint, save_checkpoint
+from distmem.distributed.train import fit, lifelong_memory, restore, save_checkpoint
 from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
 from distmem.runs import RunStore
 from distmem.tasks.omniglot import OmniglotRunConfig, embed, evaluate, subset_classes, train_batches
@@ -38,13 +38,8 @@ def _worker(loop_config: dict) -> None:
     curve_split = subset_classes(test, cfg.curve_classes, seed=cfg.seed)
     model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
-    start, curve = 0, []
-    checkpoint = latest_checkpoint(store)
-    if checkpoint is not None:
-        saved = load_checkpoint(store, checkpoint)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start, curve = saved["batch"], saved["curve"]
+    saved = restore(store, model, optimizer)
+    start, curve = (saved["batch"], saved["curve"]) if saved else (0, [])
     model = ray.train.torch.prepare_model(model)
     net = model.module if hasattr(model, "module") else model
     if cfg.mode == "lifelong":

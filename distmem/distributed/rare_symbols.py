@@ -20,7 +20,7 @@ import torch
 
 from distmem.data.rare_symbols import TrainingStream
 from distmem.distributed.memory import ShardedMemory, connect
-from distmem.distributed.train import fit, latest_checkpoint, lifelong_memory, load_checkpoint, save_checkpoint
+from distmem.distributed.train import fit, lifelong_memory, restore, save_checkpoint
 from distmem.models.seq2seq import Seq2Seq
 from distmem.runs import RunStore
 from distmem.tasks.rare_symbols import RareSymbolRunConfig, train_step
@@ -38,13 +38,8 @@ def _worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)
     model = Seq2Seq(cfg.model_config(use_memory))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
-    start, curve = 0, []
-    checkpoint = latest_checkpoint(store)
-    if checkpoint is not None:
-        saved = load_checkpoint(store, checkpoint)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start, curve = saved["step"], saved["curve"]
+    saved = restore(store, model, optimizer)
+    start, curve = (saved["step"], saved["curve"]) if saved else (0, [])
     model = ray.train.torch.prepare_model(model)
     net = model.module if hasattr(model, "module") else model
     memory = ShardedMemory.attach(loop_config["memory_name"], rank) if use_memory else None

@@ -41,6 +41,18 @@ def load_checkpoint(store: RunStore, checkpoint: str) -> dict[str, Any]:
                           weights_only=False)
 
 
+def restore(store: RunStore, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint into `model` and `optimizer`; returns its payload, or None
+    (a new run: both left as they are)."""
+    checkpoint = latest_checkpoint(store)
+    if checkpoint is None:
+        return None
+    saved = load_checkpoint(store, checkpoint)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved
+
+
 def save_checkpoint(store: RunStore, name: str, payload: dict[str, Any], memory=None) -> None:
     """checkpoints/<name>/: model.pt (payload), and the memory: memory.arrow for a local one, or
     memory/ (one part per shard, each written by its shard) for a sharded one. latest.json is
