@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from distmem.data.omniglot import load_omniglot, make_split
-from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.models.omniglot import OmniglotNet
 from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, embed, evaluate
 from jobs.runner import follow, open_run, parse_run_config
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = latest_checkpoint(store)
     saved = load_checkpoint(store, checkpoint)
     _, test = make_split(raw, cfg.split)
-    net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
     net.load_state_dict(saved["model"])
     queries = embed(net, test.images)
     results = {str(w): evaluate(queries, test, w, cfg.eval_episodes, seed=cfg.seed + 1) for w in (5, 20)}

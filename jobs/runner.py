@@ -23,6 +23,14 @@ from distmem.runs import RunStore
 Config = TypeVar("Config")
 
 
+def _flag(text: str) -> bool:
+    """A boolean flag's value: on/off (also true/false, yes/no, 1/0)."""
+    value = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return value[text.lower()]
+
+
 def parse_run_config(cls: type[Config], presets: dict[str, dict], description: str | None,
                      argv: list[str] | None, counts: tuple[str, ...] = ()) -> tuple[Config, argparse.Namespace]:
     """A run config from --preset (or --resume RUN's config.json) plus one flag per field; the
@@ -41,8 +49,9 @@ def parse_run_config(cls: type[Config], presets: dict[str, dict], description: s
     p.add_argument("--max-failures", type=int, default=3, help="trainer-group restarts after a lost worker")
     for f in fields(cls):
         if f.name != "preset":
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+            kind = {"int": int, "float": float, "bool": _flag}.get(str(f.type), str)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
+                           metavar="{on,off}" if kind is _flag else None)
     args = p.parse_args(argv)
     if args.resume:
         try:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.data.omniglot import ZIPS, Split, default_data_dir, load_omniglot, make_split
-from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.models.omniglot import OmniglotNet
 from distmem.tasks.omniglot import (OmniglotRunConfig, embed, evaluate, one_shot_predictions, sample_episodes,
                                     shots_seen, train_batches)
 from conftest import state_equal, unit
@@ -126,11 +126,11 @@ def test_evaluation_during_training_changes_neither_the_memory_nor_the_training(
     memory and the weights of the same loop without evaluations."""
     split = Split(np.random.default_rng(0).random((12 * 4, 28, 28), dtype=np.float32), np.repeat(np.arange(12), 4), 12)
     cfg = OmniglotRunConfig(mode=mode, batches=3, parallel=2, width=3, per_class=2, memory_size=128, key_dim=32, k=8,
-                            eval_every=1, lr=1e-2)
+                            eval_every=1, lr=1e-2, conv_norm=True)  # the default preset's network
     outcomes = []
     for with_curve in (True, False):
         torch.manual_seed(0)
-        model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+        model = OmniglotNet(cfg.model_config(), cfg.memory_config())
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
         memory = LocalMemory(cfg.memory_config(), device="cpu")
         curve = (lambda: evaluate(embed(model, split.images), split, 3, episodes=4, per_class=2, max_shot=1)) if with_curve else None
@@ -147,11 +147,11 @@ def test_evaluation_during_training_changes_neither_the_memory_nor_the_training(
 def test_a_run_resumed_from_a_checkpoint_continues_exactly(mode, tmp_path):
     split = Split(np.random.default_rng(0).random((12 * 4, 28, 28), dtype=np.float32), np.repeat(np.arange(12), 4), 12)
     cfg = OmniglotRunConfig(mode=mode, batches=4, parallel=2, width=3, per_class=2, memory_size=128, key_dim=32, k=8,
-                            lr=1e-2, lr_schedule="cosine")
+                            lr=1e-2, lr_schedule="cosine", conv_norm=True)
 
     def fresh(seed: int):
         torch.manual_seed(seed)
-        model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+        model = OmniglotNet(cfg.model_config(), cfg.memory_config())
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4), LocalMemory(cfg.memory_config(), device="cpu")
 
     model, optimizer, memory = fresh(0)
@@ -195,3 +195,16 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     assert resumed["batches"] == 6 and resumed["memory"]["step"] == 6 * 50  # not 2 * 50: the memory was restored
     assert [c["batch"] for c in resumed["curve"]] == [2, 4, 6] and resumed["curve"][:2] == metrics["curve"]
     assert json.loads((run / "config.json").read_text())["batches"] == 6
+
+
+def test_command_line_flags_override_the_preset(capsys):
+    from jobs.omniglot import parse_config
+    cfg, _ = parse_config([])
+    assert cfg.preset == "default" and cfg.conv_norm and cfg.model_config().batch_norm
+    cfg, _ = parse_config(["--preset", "paper"])
+    assert not cfg.conv_norm and cfg.lr == 1e-4  # the paper's network and settings
+    cfg, _ = parse_config(["--conv-norm", "off", "--batches", "7", "--lr", "0.5"])
+    assert (cfg.conv_norm, cfg.batches, cfg.lr) == (False, 7, 0.5)
+    with pytest.raises(SystemExit):
+        parse_config(["--conv-norm", "maybe"])
+    assert "--conv-norm: expected on or off, got 'maybe'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distmem.data.omniglot import default_data_dir, load_image
-from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.models.omniglot import OmniglotNet
 from distmem.tasks.omniglot import OmniglotRunConfig, embed
 from distmem.tasks.oneshot import OneShotClassifier, find_checkpoint
 from jobs import omniglot_classify
@@ -40,7 +40,7 @@ def run_folder(tmp_path_factory):
     """A run folder whose latest checkpoint is a seeded, untrained network (memory of 64 slots)."""
     torch.manual_seed(0)
     cfg = OmniglotRunConfig(memory_size=64, k=8)
-    net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
     run = tmp_path_factory.mktemp("run")
     folder = run / "checkpoints" / "batch-0000001"
     folder.mkdir(parents=True)

@@ -22,7 +22,7 @@ from distmem import LocalMemory
 from distmem.data.omniglot import load_omniglot, make_split
 from distmem.distributed.memory import ShardedMemory, connect
 from distmem.distributed.train import fit, lifelong_memory, restore, save_checkpoint
-from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.models.omniglot import OmniglotNet
 from distmem.runs import RunStore
 from distmem.tasks.omniglot import OmniglotRunConfig, embed, evaluate, subset_classes, train_batches
 
@@ -36,7 +36,7 @@ def _worker(loop_config: dict) -> None:
     raw = ray.get(loop_config["data"]) if loop_config.get("data") is not None else load_omniglot(cfg.data, cfg.cache)
     train, test = make_split(raw, cfg.split)
     curve_split = subset_classes(test, cfg.curve_classes, seed=cfg.seed)
-    model = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+    model = OmniglotNet(cfg.model_config(), cfg.memory_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
     saved = restore(store, model, optimizer)
     start, curve = (saved["batch"], saved["curve"]) if saved else (0, [])

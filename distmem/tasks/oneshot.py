@@ -21,7 +21,7 @@ import torch
 
 from distmem.config import MemoryConfig
 from distmem.memory import LocalMemory
-from distmem.models.omniglot import OmniglotModelConfig, OmniglotNet
+from distmem.models.omniglot import OmniglotNet
 from distmem.tasks.omniglot import OmniglotRunConfig, embed
 
 
@@ -43,7 +43,7 @@ def load_network(path: str | os.PathLike) -> tuple[OmniglotNet, OmniglotRunConfi
     """The trained network (eval mode, CPU) and the run config saved in a checkpoint (see find_checkpoint)."""
     saved = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
     cfg = OmniglotRunConfig(**saved["config"])
-    net = OmniglotNet(OmniglotModelConfig(key_dim=cfg.key_dim), cfg.memory_config())
+    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
     net.load_state_dict(saved["model"])
     return net.eval(), cfg
 
