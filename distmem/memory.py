@@ -24,15 +24,18 @@ _token = itertools.count()
 class MemoryBase:
     """`query` and `step` in terms of `read` and `write`, shared by `LocalMemory` and its sharded twin."""
 
-    def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
+    def read(self, q: Tensor, labels: Tensor | None = None, k: int | None = None) -> MemoryRead:
         raise NotImplementedError
 
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         raise NotImplementedError
 
-    def query(self, q: Tensor) -> MemoryRead:
-        """Read-only inference lookup (no labels, no loss, no recent-slot candidate)."""
-        return self.read(q)
+    def query(self, q: Tensor, k: int | None = None) -> MemoryRead:
+        """Read-only inference lookup (no labels, no loss, no recent-slot candidate) of the top-k
+        candidates (default: the config's k). `write(query(q, k=1), labels)` stores a batch
+        exactly as after a full read (the update needs the nearest neighbour only), at the cost
+        of a top-1 search."""
+        return self.read(q, k=k)
 
     def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
         """Read with labels, then write the batch: one training step of the memory (a sharded
@@ -111,11 +114,12 @@ class LocalMemory(MemoryBase):
         return memory
 
     # -- read / write ----------------------------------------------------------------------------
-    def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
+    def read(self, q: Tensor, labels: Tensor | None = None, k: int | None = None) -> MemoryRead:
         """Look up unit-norm queries q [B, d]; with labels [B] (training) also the recent-slot
-        candidate and the margin loss. Changes nothing."""
-        return merge.read(self.config, q, labels, lambda qq, yy: [self.shard.search(qq, yy)],
-                          self.shard.weighted_keys, (self._token, self._version))
+        candidate and the margin loss. k: candidates returned (only without labels; default: the
+        config's). Changes nothing."""
+        return merge.read(self.config, q, labels, lambda qq, yy, kk: [self.shard.search(qq, yy, kk)],
+                          self.shard.weighted_keys, (self._token, self._version), k)
 
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         """Store the batch of `read` with `labels` (default: the labels it was read with).

@@ -18,7 +18,7 @@ from distmem import rules
 from distmem.config import MemoryConfig
 from distmem.rules import ShardWrite
 from distmem.topk import merge_topk
-from distmem.validation import check_batch_fits, check_labels, check_queries
+from distmem.validation import check_batch_fits, check_k, check_labels, check_queries
 
 Reply = dict[str, Tensor]
 
@@ -30,7 +30,8 @@ class MemoryRead:
     prediction [B] int64: V[n1], the value of the nearest neighbour (-1 if that slot is empty).
     confidence [B]: softmax weight of n1 over the k candidates, differentiable w.r.t. the query.
     loss: mean margin loss (scalar, differentiable w.r.t. the query), None for a read without labels.
-    ids, sims, values [B, k]: the candidates (sorted by similarity, ties by lower slot id).
+    ids, sims, values [B, k]: the candidates (sorted by similarity, ties by lower slot id); k is the
+    config's, or the smaller k asked of a read without labels (confidence is then over those k).
     positive, negative [B]: the slots used by the loss (-1: none), None without labels.
     query [B, d] (detached, float32) and labels [B] (or None) as read.
     """
@@ -63,20 +64,22 @@ class WriteRequest:
 
 
 def read(config: MemoryConfig, q: Tensor, labels: Tensor | None,
-         search: Callable[[Tensor, Tensor | None], Sequence[Reply]],
-         weighted_keys: Callable[[Tensor, Tensor], Tensor], version: tuple) -> MemoryRead:
-    """One read over shards. search(queries, labels) -> the replies of every shard, in slot order;
+         search: Callable[[Tensor, Tensor | None, int], Sequence[Reply]],
+         weighted_keys: Callable[[Tensor, Tensor], Tensor], version: tuple, k: int | None = None) -> MemoryRead:
+    """One read over shards of the top-k candidates (k: see `check_k`). search(queries, labels, k)
+    -> the replies of every shard, in slot order;
     weighted_keys(ids, weights) -> sum over shards of sum_j weights * K[ids] [B, d], called only
     when q requires a gradient (for the confidence's)."""
     q = check_queries(q, config)
+    k = check_k(k, config, labels)
     if labels is not None:
         labels = check_labels(labels, q.shape[0])
         check_batch_fits(q.shape[0], config)
-    replies = search(q.detach().float(), labels)
+    replies = search(q.detach().float(), labels, k)
     device = replies[0]["sims"].device  # merge where the shards answered (CPU for remote shards)
     query = q.float().to(device)  # differentiable
     labels = labels.to(device) if labels is not None else None
-    b, k = q.shape[0], config.k
+    b = q.shape[0]
     rows = torch.arange(b, device=device)
     shard_of = torch.cat([torch.full_like(r["ids"], i) for i, r in enumerate(replies)], 1)
     positions = torch.arange(shard_of.shape[1], device=device).expand(b, -1)

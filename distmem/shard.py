@@ -88,8 +88,9 @@ class MemoryShard:
             self._snapshot()
 
     # -- read ------------------------------------------------------------------------------------
-    def search(self, queries: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """Local top-k of queries [B, d] (unit-norm, float32) and the few keys a reader needs.
+    def search(self, queries: Tensor, labels: Tensor | None = None, k: int | None = None) -> dict[str, Tensor]:
+        """Local top-k (k: default config.k) of queries [B, d] (unit-norm, float32) and the few
+        keys a reader needs.
 
         sims / ids (global) / values [B, k_s], k_s = min(k, n); first_key [B, d] (K of the local
         top-1); step: the updates applied so far. With labels [B]: pos_key / neg_key [B, d] (local first positive / negative
@@ -97,7 +98,7 @@ class MemoryShard:
         recent_valid [B] (still holds the label), recent_key [B, d].
         """
         queries = queries.to(self.device, torch.float32)
-        sims, ids = self.backend.search(self.keys, queries, min(self.config.k, self.n))
+        sims, ids = self.backend.search(self.keys, queries, min(k or self.config.k, self.n))
         values = self.values[ids]
         out = {"sims": sims, "ids": ids + self.lo, "values": values, "first_key": self._key(ids[:, 0]),
                "step": torch.tensor(self.step)}

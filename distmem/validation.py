@@ -43,6 +43,21 @@ def check_labels(labels: object, batch: int, name: str = "labels") -> Tensor:
     return labels
 
 
+def check_k(k: object, config: MemoryConfig, labels: object) -> int:
+    """k: the candidates a read returns, an int in [1, config.k]; None: config.k. A read with
+    labels always uses config.k (its loss and recent slot are defined over those)."""
+    if k is None:
+        return config.k
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int in [1, {config.k}] or None, got {type(k).__name__}")
+    if not 1 <= k <= config.k:
+        raise ValueError(f"k must be in [1, {config.k}] (the config's k), got {k}")
+    if labels is not None and k != config.k:
+        raise ValueError(f"k: a read with labels uses the config's k = {config.k} candidates (the loss depends "
+                         f"on them); pass a smaller k only to a read without labels, got k={k}")
+    return k
+
+
 def check_batch_fits(batch: int, config: MemoryConfig, name: str = "q") -> None:
     if batch > config.size:
         raise ValueError(f"{name} has a batch of {batch} but the memory has {config.size} slots; "

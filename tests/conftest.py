@@ -26,12 +26,10 @@ def small_memory(small_config) -> LocalMemory:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray (loopback only) for the whole session."""
-    import os
-
+    """One local Ray (loopback only) for the whole session, started as the jobs start theirs."""
     import ray
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, namespace="distmem",
-             configure_logging=False, log_to_driver=False)
+
+    from distmem.distributed import connect
+    connect("local")  # not $RAY_ADDRESS: the tests start their own
     yield ray
     ray.shutdown()

@@ -47,6 +47,17 @@ def test_bad_read_and_step_are_rejected_without_change(mem, method, match, error
     assert state_equal(mem.state(), before)
 
 
+@pytest.mark.parametrize("k, error", [(0, ValueError), (4, ValueError), (1.0, TypeError), (True, TypeError)])
+def test_bad_k_is_rejected_without_change(mem, k, error):
+    before = mem.state()
+    with pytest.raises(error, match="k must"):
+        mem.query(GOOD_Q, k=k)
+    with pytest.raises(ValueError, match="k: a read with labels"):  # the loss needs the config's k candidates
+        mem.read(GOOD_Q, GOOD_Y, k=1)
+    assert state_equal(mem.state(), before)
+    assert mem.read(GOOD_Q, GOOD_Y, k=3).ids.shape == (4, 3)  # k = the config's is fine with labels
+
+
 def test_bad_writes_are_rejected_without_change(mem):
     read = mem.read(GOOD_Q)  # no labels
     before = mem.state()

@@ -19,9 +19,9 @@ class InProcessShards:
         self.ranges = shard_ranges(config.size, num_shards)
         self.shards = [MemoryShard(config, lo, hi, **kw) for lo, hi in self.ranges]
 
-    def read(self, q, labels=None):
-        return merge.read(self.config, q, labels, lambda qq, yy: [s.search(qq, yy) for s in self.shards],
-                          lambda i, w: sum(s.weighted_keys(i, w) for s in self.shards), version=None)
+    def read(self, q, labels=None, k=None):
+        return merge.read(self.config, q, labels, lambda qq, yy, kk: [s.search(qq, yy, kk) for s in self.shards],
+                          lambda i, w: sum(s.weighted_keys(i, w) for s in self.shards), version=None, k=k)
 
     def write(self, reads_and_labels):
         requests = [merge.write_request(self.config, r, y) for r, y in reads_and_labels]
@@ -137,3 +137,27 @@ def test_read_range_across_parts_and_files(tmp_path):
     assert ((part["recent_slots"] >= 7) & (part["recent_slots"] < 23)).all()
     with pytest.raises(ValueError, match="does not hold"):
         storage.read_range(tmp_path / "p0.arrow", 0, 30)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_a_top1_read_writes_exactly_like_a_full_read(num_shards, backend):
+    """write(query(q, k=1), y) == write(query(q), y): the update needs the nearest neighbour only."""
+    cfg = MemoryConfig(size=60, key_dim=8, k=12, age_noise=8.0, seed=3)
+    full = LocalMemory(cfg, device="cpu")
+    top1 = InProcessShards(cfg, num_shards, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        q, y = unit(7, 8, seed=step), torch.randint(0, 9, (7,), generator=g)
+        if step % 3 == 0:  # training steps in between: recent slots as in a real run
+            full.step(q, y)
+            top1.write([(top1.read(q, y), None)])
+            continue
+        want, got = full.query(q), top1.read(q, k=1)
+        assert got.ids.shape == (7, 1) and torch.equal(got.ids[:, 0], want.ids[:, 0])
+        assert torch.equal(got.prediction, want.prediction) and torch.allclose(got.sims[:, 0], want.sims[:, 0], atol=1e-6)
+        full.write(want, y)
+        top1.write([(got, y)])
+    state = {name: torch.cat([s.state()[name] for s in top1.shards]) for name in ("keys", "values", "ages")}
+    assert all(torch.equal(state[name], full.state()[name]) for name in state)
+    assert (full.state()["values"] >= 0).sum() > 30

@@ -1,6 +1,8 @@
 """ShardedMemory on a real local Ray: equal to LocalMemory for any shard count and any number of
 writers, crash recovery, checkpoints across shard counts, and errors."""
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +50,12 @@ def test_equals_local_memory(sharded_cls, num_shards):
             (got.loss + got.confidence.sum()).backward()
             grad += q.grad.abs().sum().item()
         assert grad > 0
+        assert state_equal(mem.state(), local.state())
+        q, y = unit(6, cfg.key_dim, seed=99), torch.arange(6)  # a top-1 read without labels, then its write
+        got, want = mem.query(q, k=1), local.query(q, k=1)
+        assert got.ids.shape == (6, 1) and torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+        mem.write(got, y)
+        local.write(want, y)
         assert state_equal(mem.state(), local.state())
         assert [(lo, hi) for lo, hi in mem.ranges] == [(120 * i // num_shards, 120 * (i + 1) // num_shards)
                                                        for i in range(num_shards)]
@@ -229,6 +237,26 @@ def test_unreachable_cluster_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "ConnectionError: address: no Ray cluster reachable at '127.0.0.1:9'" in out.stderr
+
+
+def test_the_embedded_ray_lives_on_loopback_only(sharded_cls, ray_local):
+    """connect() (as the jobs and this suite start Ray, after `import ray`): every node, actor and
+    listening socket of the local Ray on 127.0.0.1, not the host's outward address."""
+    ray = ray_local
+    mem = sharded_cls(CFG, 2)
+    try:
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+        where = ray.get([shard.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()) for shard in mem.shards])
+        assert where == ["127.0.0.1", "127.0.0.1"]
+        if shutil.which("ss") is None:
+            pytest.skip("no `ss` to list listening sockets")
+        lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+        mine = [line.split() for line in lines
+                if any(name in line for name in ('"raylet"', '"gcs_server"', '"ray::', f"pid={os.getpid()},"))]
+        local = {cols[3].rsplit(":", 1)[0] for cols in mine}
+        assert mine and local <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, local
+    finally:
+        mem.shutdown()
 
 
 def test_inference_read_is_one_call_per_shard(sharded_cls):

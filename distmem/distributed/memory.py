@@ -100,8 +100,8 @@ class ShardActor:
                                  storage_dir=storage_dir, snapshot_every=snapshot_every)
 
     # hot path: numpy over the wire
-    def search(self, queries: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-        return _wire(self.shard.search(_unwire(queries), _unwire(labels)))
+    def search(self, queries: np.ndarray, labels: np.ndarray | None, k: int | None = None) -> dict[str, np.ndarray]:
+        return _wire(self.shard.search(_unwire(queries), _unwire(labels), k))
 
     def weighted_keys(self, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return _wire(self.shard.weighted_keys(_unwire(ids), _unwire(weights)))
@@ -245,11 +245,7 @@ def connect(address: str | None = None) -> None:
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
     if address in (None, "local"):
-        # a one-machine Ray: every address on loopback (Ray's processes would otherwise announce
-        # the host's outward address; they inherit this setting)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
-                 configure_logging=False, log_to_driver=False)
+        _init_on_loopback(include_dashboard=False)
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
@@ -262,14 +258,20 @@ def connect(address: str | None = None) -> None:
     if host not in ("127.0.0.1", "localhost"):
         ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False)
         return
-    # A cluster on this machine (cluster/local.sh): its nodes live on loopback. Ray rewrites a
-    # loopback bootstrap address to the host's outward address unless its single-machine switch
-    # is off, and it reads that switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) once, at import: set
-    # it for this call only.
+    _init_on_loopback(address=address)  # a cluster on this machine (cluster/local.sh): its nodes live on loopback
+
+
+def _init_on_loopback(**init_kwargs: Any) -> None:
+    """ray.init with every address of this machine's Ray on 127.0.0.1 (an embedded Ray's processes
+    also listen on loopback only). Ray replaces 127.0.0.1 by the host's outward address unless its
+    single-machine switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) is set, and it reads that switch
+    once, at import: so it is set for the processes Ray starts (which inherit it) and, for this
+    call, in this already-imported one."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray._private import ray_constants  # noqa: PLC0415
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
-        ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(_node_ip_address="127.0.0.1", namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
+                 **init_kwargs)
 
 
 def _spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: bool, detached: bool,
@@ -379,13 +381,13 @@ class ShardedMemory(MemoryBase):
         self.traffic: dict[str, int] = {"read_bytes": 0, "write_bytes": 0}  # tensor bytes of the last read / write
 
     # -- read / write ----------------------------------------------------------------------------
-    def read(self, q: Tensor, labels: Tensor | None = None) -> MemoryRead:
+    def read(self, q: Tensor, labels: Tensor | None = None, k: int | None = None) -> MemoryRead:
         """As `LocalMemory.read`: one call per shard, issued to all shards at once."""
         replies: list[dict[str, Tensor]] = []
 
-        def search(queries: Tensor, labels_: Tensor | None) -> list[dict[str, Tensor]]:
+        def search(queries: Tensor, labels_: Tensor | None, k_: int) -> list[dict[str, Tensor]]:
             q_ref, y_ref = ray.put(_wire(queries)), ray.put(_wire(labels_))
-            replies.extend(_unwire(ray.get([s.search.remote(q_ref, y_ref) for s in self.shards])))
+            replies.extend(_unwire(ray.get([s.search.remote(q_ref, y_ref, k_) for s in self.shards])))
             self.traffic["read_bytes"] = len(self.shards) * _nbytes([queries, labels_]) + _nbytes(replies)
             return replies
 
@@ -395,7 +397,7 @@ class ShardedMemory(MemoryBase):
             self.traffic["read_bytes"] += len(self.shards) * _nbytes([ids, weights]) + _nbytes(parts)
             return torch.stack(parts).sum(0)
 
-        result = merge.read(self.config, q, labels, search, weighted_keys, version=None)
+        result = merge.read(self.config, q, labels, search, weighted_keys, version=None, k=k)
         steps = {int(r["step"]) for r in replies}
         if len(steps) != 1:  # a management call (load, clear) ran during the read
             raise RuntimeError(f"shards answered from different steps {sorted(steps)}; read again")

@@ -7,8 +7,9 @@ the optimizer step the batch is written (the memory is never emptied).
 
 Test protocol (`run_protocol`): the `ProbeStream` is played through the memory. At each step the
 probe sequences of that step are first decoded greedily (the memory read, not written); then the
-whole step (contexts, probes and traffic) is read and written with its gold labels, without a
-gradient step. A probe counts as a 1-shot hit when the token decoded at its rare symbol's
+whole step (contexts, probes and traffic) is written with its gold labels, without a gradient
+step, as in the one-shot evaluation protocol (a read without labels: no recent-slot candidate;
+it needs only each query's nearest slot, hence a top-1 read). A probe counts as a 1-shot hit when the token decoded at its rare symbol's
 position is f(symbol). A model without memory has no state, so only its probes are decoded.
 """
 
@@ -122,10 +123,10 @@ def run_protocol(model: Seq2Seq, memory, task: RareSymbolTask, stream: ProbeStre
         probes = np.nonzero(batch.kind == 2)[0]
         if len(probes):
             results += _score_probes(task, model, memory if use_memory else None, batch, probes, gaps, device)
-        if use_memory:  # the whole step is read and written with its labels (no gradient step)
+        if use_memory:  # the whole step is written with its labels (no gradient step, no recent slots)
             t = to_tensors(task, batch.inputs, device)
-            queries = model.teacher_forced_queries(t.src, t.tgt_in)
-            memory.step(queries.flatten(0, 1), t.tgt_out.flatten())
+            queries = model.teacher_forced_queries(t.src, t.tgt_in).flatten(0, 1)
+            memory.write(memory.query(queries, k=1), t.tgt_out.flatten())  # the update needs the nearest slot only
         if progress is not None:
             progress(step + 1)
     return summarize(results, stream.gaps)
