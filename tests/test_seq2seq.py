@@ -111,6 +111,21 @@ def test_step_by_step_decoding_equals_the_teacher_forced_pass():
         torch.testing.assert_close(logp, full[:, t], rtol=1e-4, atol=1e-4)
 
 
+def test_greedy_decodes_each_row_as_it_would_alone():
+    """The protocol decodes the probes of a model without memory together, in large batches: a
+    row's tokens do not depend on the rows beside it, nor on when those end."""
+    net = model(seed=1, use_memory=False).eval()
+    with torch.no_grad():
+        net.embed.weight[EOS] *= 10  # a large EOS logit, either sign: some rows end early, some never
+    src = batch(b=12, length=5, seed=4)[0]
+    together = net.greedy(src, max_len=8)
+    ends = (together == EOS).any(1)
+    assert ends.any() and not ends.all()
+    for r in range(len(src)):
+        alone = net.greedy(src[r:r + 1], max_len=8)[0]
+        assert torch.equal(together[r, :len(alone)], alone) and (together[r, len(alone):] == 0).all()
+
+
 def test_beam_search_finds_the_exhaustive_best_and_beam_one_is_greedy():
     V, bos, eos = 6, 4, 5  # targets 1..3, BOS, EOS: few enough to score every hypothesis
     torch.manual_seed(2)
