@@ -113,8 +113,9 @@ def _score_probes(task: RareSymbolTask, model: Seq2Seq, memory, batch: StreamBat
 def run_protocol(model: Seq2Seq, memory, task: RareSymbolTask, stream: ProbeStream,
                  progress: Callable[[int], None] | None = None, probe_batch: int = 256) -> dict[str, dict[str, float]]:
     """The test protocol on `stream` for a model with `memory` (written as it goes) or without
-    (memory None: its probes only, decoded probe_batch at a time after the stream). Returns per gap {"rare_accuracy", "frequent_accuracy",
-    "exact_sequences", "probes", "rare_ci95" (Wilson interval [low, high])} in percent."""
+    (memory None: its probes only, decoded probe_batch at a time after the stream). Returns per
+    gap {"rare_accuracy", "frequent_accuracy", "exact_sequences", "probes", "rare_ci95" (Wilson
+    interval [low, high])} in percent."""
     model.eval()
     device = next(model.parameters()).device
     gaps = {item.symbol: item.gap for item in stream.items}
@@ -136,9 +137,10 @@ def run_protocol(model: Seq2Seq, memory, task: RareSymbolTask, stream: ProbeStre
     if stateless:  # a model without state decodes a probe the same at any step: in large batches
         probes = StreamBatch(*(np.concatenate(parts) for parts in zip(*(
             (b.inputs, b.rare_pos, b.rare, b.kind) for b in stateless))))
-        for start in range(0, len(probes.rare), probe_batch):
-            results += _score_probes(task, model, None, probes, np.arange(start, min(start + probe_batch, len(probes.rare))),
-                                     gaps, device)
+        n = len(probes.rare)
+        for start in range(0, n, probe_batch):
+            rows = np.arange(start, min(start + probe_batch, n))
+            results += _score_probes(task, model, None, probes, rows, gaps, device)
     return summarize(results, stream.gaps)
 
 
