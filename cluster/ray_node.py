@@ -1,10 +1,8 @@
 """The `ray` command for `cluster/local.sh`, with every node address kept on loopback.
 
-Ray replaces 127.0.0.1 (as a node address, and in the head's address) by the host's outward
-network address, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("single machine"), which
-local.sh sets for every node and every process the nodes start. That setting also makes
-`ray start --address` refuse to add a node, so this wrapper lifts the refusal in its own
-process, pins the address lookup to 127.0.0.1, then runs the `ray` CLI:
+local.sh sets Ray's single-machine switch for every node and every process the nodes start;
+this wrapper lifts that switch's refusal to add nodes in its own process (see
+`distmem.distributed.ray_compat.loopback_node_cli`), then runs the `ray` CLI:
 
     python cluster/ray_node.py start --head ...      # any `ray` command
     python cluster/ray_node.py wait-nodes HOST:PORT N  # until N nodes are alive (90 s at most)
@@ -14,12 +12,9 @@ import sys
 import time
 
 import ray
-import ray._private.ray_constants as ray_constants
-import ray._private.services as services
 from ray.scripts.scripts import main
 
-ray_constants.ENABLE_RAY_CLUSTER = True
-services.get_node_ip_address = lambda address=None: "127.0.0.1"
+from distmem.distributed.ray_compat import loopback_node_cli
 
 
 def wait_nodes(address: str, count: int, timeout_s: float = 90.0) -> int:
@@ -34,6 +29,7 @@ def wait_nodes(address: str, count: int, timeout_s: float = 90.0) -> int:
 
 
 if __name__ == "__main__":
+    loopback_node_cli()
     if sys.argv[1:2] == ["wait-nodes"]:
         sys.exit(wait_nodes(sys.argv[2], int(sys.argv[3])))
     sys.argv[0] = "ray"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from os import PathLike
-from typing import Mapping
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -19,6 +19,48 @@ from distmem.merge import MemoryRead
 from distmem.shard import MemoryShard
 
 _token = itertools.count()
+
+
+@runtime_checkable
+class Memory(Protocol):
+    """The interface of every memory (`LocalMemory`, `ShardedMemory`): what models and tasks take.
+
+    Reads are refused by `write` once stale: after any write, `clear()`, `load_state()` or `load()`
+    since the read was made.
+    """
+
+    config: MemoryConfig
+
+    def read(self, q: Tensor, labels: Tensor | None = None, k: int | None = None) -> MemoryRead:
+        """q [B, d] unit-norm; labels [B] int64 (training). Changes nothing."""
+
+    def query(self, q: Tensor, k: int | None = None) -> MemoryRead:
+        """A read without labels (inference)."""
+
+    def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
+        """Store the batch of `read` (the paper's update)."""
+
+    def step(self, q: Tensor, labels: Tensor) -> MemoryRead:
+        """read(q, labels), then write it."""
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far."""
+
+    def state(self) -> dict[str, Tensor]:
+        """keys [N, d], values [N], ages [N], step, recent_* (on the CPU)."""
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the whole state."""
+
+    def clear(self) -> None:
+        """Empty every slot."""
+
+    def save(self, path: str | PathLike) -> None:
+        """Write config and state (a file, or a checkpoint folder for a sharded memory)."""
+
+    def load(self, path: str | PathLike) -> None:
+        """Load a memory file or checkpoint folder of a memory of the same size."""
 
 
 class MemoryBase:

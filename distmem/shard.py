@@ -42,12 +42,21 @@ class MemoryShard:
         self.backend = make_backend(backend, self.device, config.chunk_size)
         self.storage_dir = Path(storage_dir) if storage_dir is not None else None
         self.snapshot_every = snapshot_every
+        self.generation = 0  # changed by every clear / load: a read of an older generation is stale
         self.clear(persist=False)
         if self.storage_dir is not None:
             self.storage_dir.mkdir(parents=True, exist_ok=True)
             self._recover()
 
     # -- state -----------------------------------------------------------------------------------
+    def set_generation(self, generation: int) -> None:
+        """Mark the state as new (after a clear or a load), durably when the shard has storage."""
+        self.generation = int(generation)
+        if self.storage_dir is not None:
+            tmp = self.storage_dir / "generation.tmp"
+            tmp.write_text(str(self.generation))
+            os.replace(tmp, self.storage_dir / "generation")
+
     def clear(self, persist: bool = True) -> None:
         """Empty every slot (on disk too: no snapshot and no log means an empty shard)."""
         n, d = self.n, self.config.key_dim
@@ -93,7 +102,7 @@ class MemoryShard:
         keys a reader needs.
 
         sims / ids (global) / values [B, k_s], k_s = min(k, n); first_key [B, d] (K of the local
-        top-1); step: the updates applied so far. With labels [B]: pos_key / neg_key [B, d] (local first positive / negative
+        top-1); step: the updates applied so far; generation (see set_generation). With labels [B]: pos_key / neg_key [B, d] (local first positive / negative
         candidate) and this shard's recent slot per label: recent_slot, recent_seq [B] (-1: none),
         recent_valid [B] (still holds the label), recent_key [B, d].
         """
@@ -101,7 +110,7 @@ class MemoryShard:
         sims, ids = self.backend.search(self.keys, queries, min(k or self.config.k, self.n))
         values = self.values[ids]
         out = {"sims": sims, "ids": ids + self.lo, "values": values, "first_key": self._key(ids[:, 0]),
-               "step": torch.tensor(self.step)}
+               "step": torch.tensor(self.step), "generation": torch.tensor(self.generation)}
         if labels is not None:
             labels = labels.to(self.device)
             pos_col, _, neg_col, _ = rules.positive_negative(values, labels)
@@ -178,6 +187,8 @@ class MemoryShard:
 
     def _recover(self) -> None:
         """Latest snapshot (none: empty), then the logged steps that follow it, in order."""
+        if (self.storage_dir / "generation").exists():
+            self.generation = int((self.storage_dir / "generation").read_text())
         snapshot = self.storage_dir / "snapshot.arrow"
         if snapshot.exists():
             _, state, _ = storage.read_memory_file(snapshot)

@@ -12,27 +12,18 @@ intervals) and writes metrics.json, accuracy.png and checkpoints into the run fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from distmem.data.omniglot import load_omniglot, make_split
+from distmem import checkpoints
+from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.omniglot import OmniglotNet
-from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, embed, evaluate
-from jobs.runner import follow, open_run, parse_run_config
-
-
-def parse_config(argv: list[str] | None) -> tuple[OmniglotRunConfig, argparse.Namespace]:
-    cfg, args = parse_run_config(OmniglotRunConfig, PRESETS, __doc__, argv,
-                                 counts=("workers", "shards", "batches", "step_group"))
-    if cfg.mode not in ("episodic", "lifelong"):
-        raise SystemExit(f"--mode must be 'episodic' or 'lifelong', got {cfg.mode!r}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise SystemExit(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    return cfg, args
+from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, OmniglotTask
+from distmem.tasks.omniglot.data import load_omniglot, make_split
+from distmem.tasks.omniglot.evaluation import embed, evaluate
 
 
 def plot_curve(curve: list[dict], path: Path, title: str) -> None:
@@ -41,7 +32,7 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for k in range(1, 6):
-        ax.plot([c["batch"] for c in curve], [c[f"{k}-shot"] for c in curve], marker="o", label=f"{k}-shot")
+        ax.plot([c["step"] for c in curve], [c[f"{k}-shot"] for c in curve], marker="o", label=f"{k}-shot")
     ax.set_xlabel("training batch")
     ax.set_ylabel("5-way accuracy (%) on held-out test classes")
     ax.set_title(title)
@@ -53,33 +44,36 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_config(argv)
+    cfg, args = parse_run_config(OmniglotRunConfig, PRESETS, __doc__, argv)
+    with user_errors():
+        return run(cfg, args)
+
+
+def run(cfg: OmniglotRunConfig, args) -> dict:
     started = time.time()
     raw = load_omniglot(cfg.data, cfg.cache, progress=True)  # a missing file fails here, before Ray
     store = open_run(cfg, args, name=f"omniglot-{cfg.preset}-{cfg.mode}")
 
-    from distmem.distributed import connect  # imports Ray
-    from distmem.distributed.omniglot import train_omniglot
-    from distmem.distributed.train import latest_checkpoint, load_checkpoint
+    from distmem.distributed import connect, fit  # imports Ray
     connect(args.address)  # here, not in the training thread: an embedded Ray lives as long as the thread that starts it
 
     def postfix(state: dict) -> dict[str, str]:
-        curve = state.get("curve") or {}
-        return {"loss": f"{state['loss']:.3f}", **({"5w1s": f"{curve['1-shot']:.1f}"} if curve else {})}
+        point = state.get("eval") or {}
+        return {"loss": f"{state['loss']:.3f}", **({"5w1s": f"{point['1-shot']:.1f}"} if point else {})}
 
-    result = follow(store, cfg.batches, f"training ({cfg.mode}, {cfg.workers} worker(s))",
-                    lambda: train_omniglot(cfg, store, args.address, args.memory_storage, args.max_failures, data=raw),
-                    unit="batch", key="batch", postfix=postfix)
+    memory = follow(store, cfg.batches, f"training ({cfg.mode}, {cfg.workers} worker(s))",
+                    lambda: fit(OmniglotTask(cfg, raw), store, args.address, args.memory_storage, args.max_failures),
+                    unit="batch", postfix=postfix)
     train_seconds = time.time() - started
 
-    checkpoint = latest_checkpoint(store)
-    saved = load_checkpoint(store, checkpoint)
+    checkpoint = checkpoints.latest(store)
+    saved = checkpoints.load(store, checkpoint)
     _, test = make_split(raw, cfg.split)
-    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
+    net = OmniglotNet(cfg.model_config())
     net.load_state_dict(saved["model"])
     queries = embed(net, test.images)
     results = {str(w): evaluate(queries, test, w, cfg.eval_episodes, seed=cfg.seed + 1) for w in (5, 20)}
-    memory, memory_info = result["memory"], None
+    memory_info = None
     if memory is not None:
         state = memory.state()
         memory_info = {"step": int(state["step"]), "filled": int((state["values"] >= 0).sum()),
@@ -87,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
                        "shard_nodes": len({shard["node"] for shard in memory.placement()})}
         memory.shutdown()
     metrics = {"preset": cfg.preset, "mode": cfg.mode, "split": cfg.split, "workers": cfg.workers,
-               "shards": cfg.shards, "batches": saved["batch"], "episodes": cfg.eval_episodes,
+               "shards": cfg.shards, "batches": saved["step"], "episodes": cfg.eval_episodes,
                "accuracy": results, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
-               "curve": saved["curve"], "checkpoint": store.location(checkpoint), "memory": memory_info}
+               "curve": saved["evals"], "checkpoint": store.location(checkpoint), "memory": memory_info}
     store.write_text("metrics.json", json.dumps(metrics, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
-        plot_curve(saved["curve"], Path(tmp) / "accuracy.png",
+        plot_curve(saved["evals"], Path(tmp) / "accuracy.png",
                    f"Omniglot {cfg.split} split, {cfg.mode} memory, {cfg.preset} preset")
         store.upload(Path(tmp) / "accuracy.png", "accuracy.png")
 

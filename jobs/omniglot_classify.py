@@ -6,7 +6,7 @@
 any format PIL reads; dark ink on a light background, any size). They are written into a fresh
 memory. --query: image files or folders of them; each gets the label of its nearest remembered
 drawing. When the query images sit in sub-folders named after labels, the accuracy is printed too.
-The Python API is `distmem.tasks.oneshot.OneShotClassifier`.
+The Python API is `distmem.tasks.omniglot.OneShotClassifier`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distmem.data.omniglot import load_image
-from distmem.tasks.oneshot import OneShotClassifier
+from distmem.cli import user_errors
+from distmem.tasks.omniglot import OneShotClassifier
+from distmem.tasks.omniglot.data import load_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--query", required=True, nargs="+", type=Path, help="image files or folders to classify")
     p.add_argument("--json", type=Path, default=None, help="also write the predictions to this JSON file")
     args = p.parse_args(argv)
+    with user_errors():
+        return classify(args)
 
+
+def classify(args: argparse.Namespace) -> dict:
     support_files, support_labels = read_support(args.support)
     query_files = read_queries(args.query)
     clf = OneShotClassifier.from_checkpoint(args.checkpoint)

@@ -13,7 +13,6 @@ metrics.json and recall.png (rare-symbol 1-shot accuracy against the gap) into t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,26 +22,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from distmem import LocalMemory
-from distmem.data.rare_symbols import ProbeStream
+from distmem import LocalMemory, checkpoints
+from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.seq2seq import Seq2Seq
 from distmem.runs import RunStore
-from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig, run_protocol
-from jobs.runner import follow, open_run, parse_run_config
+from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig, RareSymbolsTask
+from distmem.tasks.rare_symbols.data import ProbeStream
+from distmem.tasks.rare_symbols.protocol import run_protocol
 
 VARIANTS = {"memory": True, "baseline": False}  # sub-folder -> use_memory
-
-
-def parse_config(argv: list[str] | None) -> tuple[RareSymbolRunConfig, argparse.Namespace]:
-    cfg, args = parse_run_config(RareSymbolRunConfig, PRESETS, __doc__, argv,
-                                 counts=("workers", "shards", "steps", "batch_size", "memory_size", "k"))
-    try:
-        cfg.gap_list()
-        cfg.memory_config()
-        cfg.model_config(True)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"invalid configuration: {err}") from None
-    return cfg, args
 
 
 def trained_memory(cfg: RareSymbolRunConfig, store: RunStore, checkpoint: str) -> LocalMemory:
@@ -50,11 +38,7 @@ def trained_memory(cfg: RareSymbolRunConfig, store: RunStore, checkpoint: str) -
     protocol writes into it step by step (faster here than through the shards' actors); the
     checkpoint itself stays as it was."""
     memory = LocalMemory(cfg.memory_config(), backend=cfg.backend)
-    if store.local:
-        memory.load(store.path(f"{checkpoint}/memory"))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            memory.load(store.download(f"{checkpoint}/memory", Path(tmp) / "memory"))
+    checkpoints.restore_memory(memory, store, checkpoint)
     return memory
 
 
@@ -82,29 +66,36 @@ def plot_recall(results: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_config(argv)
+    cfg, args = parse_run_config(RareSymbolRunConfig, PRESETS, __doc__, argv)
+    with user_errors():
+        return run(cfg, args)
+
+
+def run(cfg: RareSymbolRunConfig, args) -> dict:
     started = time.time()
     store = open_run(cfg, args, name=f"rare-symbols-{cfg.preset}")
 
-    from distmem.distributed import connect  # imports Ray
-    from distmem.distributed.rare_symbols import train_rare_symbols
-    from distmem.distributed.train import latest_checkpoint, load_checkpoint
+    from distmem.distributed import connect, fit  # imports Ray
     connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it
 
+    def train(sub: RunStore, use_memory: bool) -> None:
+        memory = fit(RareSymbolsTask(cfg, use_memory), sub, args.address, args.memory_storage, args.max_failures)
+        if memory is not None:  # saved with every checkpoint; the protocol reads the last one
+            memory.shutdown()
+
     trained: dict[str, dict] = {}
-    checkpoints: dict[str, str] = {}
+    latest: dict[str, str] = {}
     for variant, use_memory in VARIANTS.items():
         sub = RunStore(store.location(variant))
-        follow(sub, cfg.steps, f"training {'with' if use_memory else 'without'} memory", unit="step", key="step",
-               work=lambda sub=sub, use_memory=use_memory: train_rare_symbols(
-                   cfg, sub, use_memory, args.address, args.memory_storage, args.max_failures),
+        follow(sub, cfg.steps, f"training {'with' if use_memory else 'without'} memory",
+               lambda sub=sub, use_memory=use_memory: train(sub, use_memory),
                postfix=lambda s: {"ce": f"{s['ce']:.2f}", "acc": f"{s['accuracy']:.3f}"})
-        checkpoints[variant] = latest_checkpoint(sub)
-        trained[variant] = load_checkpoint(sub, checkpoints[variant])
+        latest[variant] = checkpoints.latest(sub)
+        trained[variant] = checkpoints.load(sub, latest[variant])
     train_seconds = time.time() - started
 
     task = cfg.task()
-    stream = ProbeStream(task, cfg.batch_size, cfg.gap_list(),
+    stream = ProbeStream(task, cfg.batch_size, cfg.gaps,
                         symbols_per_gap=cfg.symbols_per_gap or None)
     results: dict[str, dict] = {}
     protocol_seconds: dict[str, float] = {}
@@ -112,18 +103,18 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         model = Seq2Seq(cfg.model_config(use_memory))
         model.load_state_dict(trained[variant]["model"])
-        memory = trained_memory(cfg, RunStore(store.location(variant)), checkpoints[variant]) if use_memory else None
+        memory = trained_memory(cfg, RunStore(store.location(variant)), latest[variant]) if use_memory else None
         with tqdm(total=len(stream), desc=f"test protocol ({variant})", unit="step",
                   mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
             results[variant] = run_protocol(model, memory, task, stream, progress=lambda n: bar.update(n - bar.n))
         protocol_seconds[variant] = time.time() - t0
 
     metrics = {"preset": cfg.preset, "workers": cfg.workers, "shards": cfg.shards, "steps": cfg.steps,
-               "batch_size": cfg.batch_size, "memory_size": cfg.memory_size, "gaps": list(cfg.gap_list()),
+               "batch_size": cfg.batch_size, "memory_size": cfg.memory_size, "gaps": list(cfg.gaps),
                "probes_per_gap": {g: r["probes"] for g, r in results["memory"].items()},
                "results": results, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "protocol_seconds": protocol_seconds,
-               "rare_training_symbols_used_up_at_step": trained["memory"].get("rare_exhausted_at"),
+               "rare_training_symbols_used_up_at_step": trained["memory"]["summary"].get("rare_exhausted_at"),
                "memory_gain": math.exp(float(trained["memory"]["model"]["memory_log_gain"])),
                "curves": {variant: t["curve"] for variant, t in trained.items()}}
     store.write_text("metrics.json", json.dumps(metrics, indent=1))

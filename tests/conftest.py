@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,13 @@ def small_memory(small_config) -> LocalMemory:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray (loopback only) for the whole session, started as the jobs start theirs."""
+    import os
+
     import ray
 
     from distmem.distributed import connect
+    tests = str(Path(__file__).parent)  # Ray workers import the tests' own tasks (toy_task)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     connect("local")  # not $RAY_ADDRESS: the tests start their own
     yield ray
     ray.shutdown()

@@ -60,6 +60,7 @@ def _files_text(folder: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 10**7)
 
 
+@pytest.mark.slow  # about 4 minutes: the runtime environment is set up on each node
 def test_submitted_quick_job_spreads_the_memory_and_writes_metrics(cluster, tmp_path):
     state, client = cluster
     out = submit(client, "--preset", "quick", "--mode", "lifelong", "--workers", "2", "--shards", "2",
@@ -111,7 +112,7 @@ def test_losing_a_worker_node_mid_run_keeps_the_memory(cluster, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:  # wait for the first checkpoint, then kill the worker node
             progress = list(runs.glob("*/progress.json"))
-            if progress and json.loads(progress[0].read_text() or "{}").get("batch", 0) >= 3:
+            if progress and json.loads(progress[0].read_text() or "{}").get("step", 0) >= 3:
                 break
             time.sleep(1)
         else:

@@ -38,7 +38,7 @@ def test_loss_and_confidence_gradients_match_dense_autograd_oracle():
 
 def test_gradients_reach_projection_but_never_keys():
     mem = filled_memory()
-    layer = MemoryLayer(mem.config)
+    layer = MemoryLayer(mem.config.key_dim)
     x = torch.randn(10, 8, requires_grad=True)
     r = layer(x, mem, torch.arange(10) % 5)
     (r.loss + r.confidence.sum()).backward()
@@ -51,7 +51,7 @@ def test_gradients_reach_projection_but_never_keys():
 def test_memory_layer_init_and_state_dict():
     cfg = MemoryConfig(size=16, key_dim=256, k=4)
     torch.manual_seed(0)
-    layer = MemoryLayer(cfg)
+    layer = MemoryLayer(cfg.key_dim)
     assert list(layer.state_dict()) == ["query_proj.weight"]  # the memory is not inside
     w = layer.query_proj.weight
     assert w.shape == (256, 256) and layer.query_proj.bias is None
@@ -65,7 +65,7 @@ def test_training_loop_step_learns_to_hit():
     steps the memory predicts the class of a fresh example."""
     torch.manual_seed(0)
     cfg = MemoryConfig(size=128, key_dim=16, k=8, age_noise=0.0)
-    mem, layer = LocalMemory(cfg, device="cpu"), MemoryLayer(cfg)
+    mem, layer = LocalMemory(cfg, device="cpu"), MemoryLayer(cfg.key_dim)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     centers = torch.randn(4, 16) * 3
     for _ in range(60):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from distmem.data.omniglot import default_data_dir, load_image
 from distmem.models.omniglot import OmniglotNet
-from distmem.tasks.omniglot import OmniglotRunConfig, embed
-from distmem.tasks.oneshot import OneShotClassifier, find_checkpoint
+from distmem.tasks.omniglot import OmniglotRunConfig, OneShotClassifier
+from distmem.tasks.omniglot.classify import find_checkpoint
+from distmem.tasks.omniglot.data import default_data_dir, load_image
+from distmem.tasks.omniglot.evaluation import embed
 from jobs import omniglot_classify
 
 CLASSES = 4
@@ -40,12 +41,12 @@ def run_folder(tmp_path_factory):
     """A run folder whose latest checkpoint is a seeded, untrained network (memory of 64 slots)."""
     torch.manual_seed(0)
     cfg = OmniglotRunConfig(memory_size=64, k=8)
-    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
+    net = OmniglotNet(cfg.model_config())
     run = tmp_path_factory.mktemp("run")
     folder = run / "checkpoints" / "batch-0000001"
     folder.mkdir(parents=True)
-    torch.save({"model": net.state_dict(), "config": asdict(cfg), "batch": 1, "curve": []}, folder / "model.pt")
-    (run / "checkpoints" / "latest.json").write_text(json.dumps({"name": folder.name, "batch": 1}))
+    torch.save({"model": net.state_dict(), "config": asdict(cfg), "step": 1, "curve": []}, folder / "model.pt")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"name": folder.name, "step": 1}))
     return run
 
 

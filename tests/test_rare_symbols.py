@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from distmem import LocalMemory
-from distmem.data.rare_symbols import RareSymbolTask, ProbeStream, TrainingStream
-from distmem.tasks.rare_symbols import ProbeResult, summarize, to_tensors, wilson_interval
+from distmem.stats import wilson_interval
+from distmem.tasks.rare_symbols.data import ProbeStream, RareSymbolTask, TrainingStream
+from distmem.tasks.rare_symbols.protocol import ProbeResult, summarize
+from distmem.tasks.rare_symbols.training import to_tensors
 
 ROOT = Path(__file__).parents[1]
 TASK = RareSymbolTask(seed=3)
@@ -122,6 +124,7 @@ def test_teacher_forcing_tensors_and_the_summary_of_probes():
     assert lo < 30 < hi and hi - lo == pytest.approx(17.7, abs=0.1)
 
 
+@pytest.mark.slow  # about 1.5 minutes on 2 cores
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     cmd = [sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--workers", "2", "--shards", "2",
            "--storage", str(tmp_path)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distmem import LocalMemory, MemoryConfig
-from distmem.data.rare_symbols import RareSymbolTask, TrainingStream
 from distmem.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from distmem.tasks.rare_symbols import to_tensors, train_step
+from distmem.tasks.rare_symbols.data import RareSymbolTask, TrainingStream
+from distmem.tasks.rare_symbols.training import to_tensors, train_step
 
 SRC, TGT, BOS, EOS = 30, 33, 31, 32  # source ids 1..29, target ids 1..30, BOS, EOS; 0 is padding
 

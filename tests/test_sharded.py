@@ -270,3 +270,52 @@ def test_inference_read_is_one_call_per_shard(sharded_cls):
         assert r.confidence.grad_fn is None
     finally:
         mem.shutdown()
+
+
+@pytest.mark.parametrize("change", ["clear", "load_state", "load"])
+def test_both_memories_refuse_a_read_made_before_a_clear_or_a_load(sharded_cls, change, tmp_path):
+    """The same rule for both: a read made before clear(), load_state() or load() is stale, even
+    when the memory comes back to the same step (here: step 0, or the state it was saved at)."""
+    q, y = unit(4, CFG.key_dim, seed=3), torch.arange(4)
+    sharded = sharded_cls(CFG, 2)
+    try:
+        for mem in (LocalMemory(CFG, device="cpu"), sharded):
+            file = tmp_path / f"{type(mem).__name__}.arrow"
+            LocalMemory(CFG, device="cpu").save(file)  # an empty memory at step 0, like both now
+            state = mem.state()
+            read = mem.read(q, y)
+            {"clear": mem.clear, "load_state": lambda: mem.load_state(state),
+             "load": lambda: mem.load(file)}[change]()
+            assert mem.step_count == 0
+            with pytest.raises(ValueError, match="read is stale"):
+                mem.write(read)
+            assert state_equal(mem.state(), state)  # the refused write changed nothing
+            mem.write(mem.read(q, y))  # a fresh read is accepted
+            assert mem.step_count == 1
+    finally:
+        sharded.shutdown()
+
+
+def test_both_memories_satisfy_the_memory_protocol(sharded_cls):
+    from distmem.memory import Memory
+    mem = sharded_cls(CFG, 1)
+    try:
+        assert isinstance(mem, Memory) and isinstance(LocalMemory(CFG, device="cpu"), Memory)
+    finally:
+        mem.shutdown()
+
+
+def test_a_restarted_shard_keeps_its_generation(sharded_cls, ray_local, tmp_path):
+    """After a clear, a shard that dies comes back with the clear's generation: reads made after
+    the clear still write."""
+    mem = sharded_cls(CFG, 2, storage=tmp_path, snapshot_every=2)
+    try:
+        mem.step(unit(4, CFG.key_dim, seed=1), torch.arange(4))
+        mem.clear()
+        read = mem.read(unit(4, CFG.key_dim, seed=2), torch.arange(4))
+        pid = mem.placement()[1]["pid"]
+        ray_local.kill(mem.shards[1], no_restart=False)
+        mem.write(read)  # retried on the restarted shard; its generation came back from storage
+        assert mem.step_count == 1 and mem.placement()[1]["pid"] != pid
+    finally:
+        mem.shutdown()

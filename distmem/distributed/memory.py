@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
+import random
 import tempfile
 import uuid
 import warnings
-from unittest import mock
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 from torch import Tensor
 
@@ -37,9 +36,8 @@ from distmem.memory import MemoryBase
 from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
 from distmem.runs import RunStore
+from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
 from distmem.shard import MemoryShard
-
-NAMESPACE = "distmem"
 
 
 def _wire(obj: Any) -> Any:
@@ -81,6 +79,10 @@ def _local_copy(path: str) -> Iterator[str]:
         yield str(RunStore(parent).download(name, Path(tmp) / name))
 
 
+def _new_generation() -> int:
+    return random.getrandbits(62)
+
+
 def shard_ranges(size: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous slot ranges [lo, hi) of near-equal size, in slot order."""
     bounds = [size * i // num_shards for i in range(num_shards + 1)]
@@ -115,15 +117,21 @@ class ShardActor:
     def step(self) -> int:
         return self.shard.step
 
+    def position(self) -> tuple[int, int]:
+        """(step, generation): where a read made now stands."""
+        return self.shard.step, self.shard.generation
+
     def state(self) -> dict[str, Tensor]:
         return self.shard.state()
 
-    def load_state(self, state: dict[str, Tensor]) -> None:
+    def load_state(self, state: dict[str, Tensor], generation: int) -> None:
         self.shard.load_state(state, copy=False)  # a deserialised copy that only this call holds
+        self.shard.set_generation(generation)
 
-    def load_range(self, path: str) -> None:
+    def load_range(self, path: str, generation: int) -> None:
         with _local_copy(path) as local:
             self.shard.load_state(storage.read_range(local, self.shard.lo, self.shard.hi)[1], copy=False)
+        self.shard.set_generation(generation)
 
     def save_part(self, folder: str, name: str) -> tuple[int, int, int]:
         """Write this shard's part into `folder` (a local folder or a URI: written here, then uploaded)."""
@@ -135,8 +143,9 @@ class ShardActor:
                 RunStore(folder).upload(Path(tmp) / name, name)
         return self.shard.lo, self.shard.hi, self.shard.step
 
-    def clear(self) -> None:
+    def clear(self, generation: int) -> None:
         self.shard.clear()
+        self.shard.set_generation(generation)
 
     def info(self) -> dict[str, Any]:
         return {"lo": self.shard.lo, "hi": self.shard.hi, "step": self.shard.step, "pid": os.getpid(),
@@ -151,17 +160,18 @@ class Coordinator:
         self.config, self.shards, self.ranges = config, shards, ranges
         self.num_writers, self.write_timeout_s = num_writers, write_timeout_s
         self.step: int | None = None  # taken from the shards on first use (also after a restart)
+        self.generation: int | None = None  # changed by every clear / load (see MemoryShard.set_generation)
         self.pending: dict[int, tuple[str, WriteRequest]] = {}  # rank -> (writer id, request)
         self.superseded: set[str] = set()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
 
     async def resync(self) -> int:
-        """Take the step from the shards (after a restart, a load or a clear)."""
-        steps = set(await asyncio.gather(*[s.step.remote() for s in self.shards]))
-        if len(steps) != 1:
-            raise RuntimeError(f"shards disagree on the step: {sorted(steps)}")
-        self.step = steps.pop()
+        """Take the step and generation from the shards (after a restart, a load or a clear)."""
+        positions = set(await asyncio.gather(*[s.position.remote() for s in self.shards]))
+        if len(positions) != 1:
+            raise RuntimeError(f"shards disagree on (step, generation): {sorted(positions)}")
+        self.step, self.generation = positions.pop()
         return self.step
 
     def info(self) -> dict[str, Any]:
@@ -169,7 +179,7 @@ class Coordinator:
                 "num_writers": self.num_writers, "step": self.step,
                 "waiting": {rank: writer for rank, (writer, _) in sorted(self.pending.items())}}
 
-    async def write(self, step: int, rank: int, request: WriteRequest, writer: str = "") -> int:
+    async def write(self, step: int, rank: int, request: WriteRequest, writer: str = "", generation: int = 0) -> int:
         """Wait for every writer's request of `step`, then apply the step. Returns the new step.
 
         writer: the id of the writing process's handle. A request from a new handle for a rank
@@ -178,6 +188,8 @@ class Coordinator:
         """
         if self.step is None:
             await self.resync()
+        if generation != self.generation:
+            raise ValueError("read is stale: the memory was cleared or loaded since it was made; read again")
         if step != self.step:
             raise ValueError(f"read is stale: it was made at step {step}, the memory is at step {self.step}; "
                              "read again")
@@ -234,64 +246,6 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def connect(address: str | None = None) -> None:
-    """Join `address` (default: $RAY_ADDRESS), or start an embedded local Ray on 127.0.0.1.
-
-    Call it from the main thread of a program that uses Ray from other threads too: Ray's local
-    processes die with the thread that started them (the kernel's parent-death signal follows
-    the creating thread), so an embedded Ray started inside a worker thread ends with it."""
-    if ray.is_initialized():
-        return
-    if address is None:
-        address = os.environ.get("RAY_ADDRESS") or None
-    if address in (None, "local"):
-        _init_on_loopback(include_dashboard=False)
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as err:
-        raise ConnectionError(f"address: no Ray cluster reachable at {address!r} ({err}); expected "
-                              "'host:port' of a running head node (ray start --head), or None for an "
-                              "embedded local Ray") from None
-    if host not in ("127.0.0.1", "localhost"):
-        ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False)
-        return
-    _init_on_loopback(address=address)  # a cluster on this machine (cluster/local.sh): its nodes live on loopback
-
-
-def _init_on_loopback(**init_kwargs: Any) -> None:
-    """ray.init with every address of this machine's Ray on 127.0.0.1 (an embedded Ray's processes
-    also listen on loopback only). Ray replaces 127.0.0.1 by the host's outward address unless its
-    single-machine switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) is set, and it reads that switch
-    once, at import: so it is set for the processes Ray starts (which inherit it) and, for this
-    call, in this already-imported one."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ray._private import ray_constants  # noqa: PLC0415
-    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
-        ray.init(_node_ip_address="127.0.0.1", namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
-                 **init_kwargs)
-
-
-def _spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: bool, detached: bool,
-                   timeout_s: float = 60.0) -> PlacementGroup:
-    """A SPREAD placement group with one bundle per shard: its slots' bytes of the `memory`
-    resource, plus one GPU when `use_gpu`. Fails with a clear error when the cluster cannot hold it."""
-    per_slot = config.key_dim * torch.tensor([], dtype=getattr(torch, config.key_dtype)).element_size() + 3 * 8
-    bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": 1.0} if use_gpu else {})}
-               for lo, hi in ranges]
-    group = placement_group(bundles, strategy="SPREAD", **({"lifetime": "detached"} if detached else {}))
-    try:
-        ray.get(group.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        raise RuntimeError(f"num_shards: the cluster could not place {len(ranges)} shards of "
-                           f"{bundles[0]['memory'] / 2**30:.2f} GiB{' and one GPU' if use_gpu else ''} each within "
-                           f"{timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})") from None
-    return group
-
-
 class ShardedMemory(MemoryBase):
     """The same interface and semantics as `LocalMemory`, with the slots on `num_shards` Ray actors.
 
@@ -336,7 +290,7 @@ class ShardedMemory(MemoryBase):
         # snapshots and logs. (Soft node affinity was tried first: it put both shards of a
         # submitted job on one node in 2 of 3 runs.) The coordinator stays on this node (a
         # submitted job's driver runs on the head), so losing a worker node costs only shards.
-        self._placement_group = _spread_shards(config, ranges, use_gpu, detached)
+        self._placement_group = spread_shards(config, ranges, use_gpu, detached)
         actor = ray.remote(ShardActor)
         shards = [actor.options(num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
                                 namespace=NAMESPACE, **lifetime,
@@ -398,21 +352,22 @@ class ShardedMemory(MemoryBase):
             return torch.stack(parts).sum(0)
 
         result = merge.read(self.config, q, labels, search, weighted_keys, version=None, k=k)
-        steps = {int(r["step"]) for r in replies}
-        if len(steps) != 1:  # a management call (load, clear) ran during the read
-            raise RuntimeError(f"shards answered from different steps {sorted(steps)}; read again")
-        result.version = (self.name, steps.pop())
+        positions = {(int(r["step"]), int(r["generation"])) for r in replies}
+        if len(positions) != 1:  # a management call (load, clear) ran during the read
+            raise RuntimeError(f"shards answered from different (step, generation) {sorted(positions)}; read again")
+        step, generation = positions.pop()
+        result.version = (self.name, generation, step)
         return result
 
     def write(self, read: MemoryRead, labels: Tensor | None = None) -> None:
         """Contribute this writer's batch to the current step; returns when the step is applied."""
         request = merge.write_request(self.config, read, labels)
-        name, step = read.version
-        if name != self.name:
-            raise ValueError(f"read is stale: it was made by memory {name!r}, not {self.name!r}")
+        if len(read.version) != 3 or read.version[0] != self.name:
+            raise ValueError(f"read is stale: it was not made by memory {self.name!r}; read again")
+        _, generation, step = read.version
         # to the coordinator, then about as much again on to the shards
         self.traffic["write_bytes"] = 2 * _nbytes(request)
-        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request), self._writer))
+        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request), self._writer, generation))
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -437,12 +392,14 @@ class ShardedMemory(MemoryBase):
         from distmem.validation import check_state  # noqa: PLC0415
         checked = check_state(state, self.config.size, self.config.key_dim)  # fills the default recent order
         parts = [{**storage.slice_state(checked, slice(lo, hi), lo, hi), "step": checked["step"]} for lo, hi in self.ranges]
-        ray.get([shard.load_state.remote(part) for shard, part in zip(self.shards, parts)])
+        generation = _new_generation()
+        ray.get([shard.load_state.remote(part, generation) for shard, part in zip(self.shards, parts)])
         ray.get(self._coordinator.resync.remote())
 
     def clear(self) -> None:
         """Empty every slot of every shard."""
-        ray.get([s.clear.remote() for s in self.shards])
+        generation = _new_generation()
+        ray.get([s.clear.remote(generation) for s in self.shards])
         ray.get(self._coordinator.resync.remote())
 
     def save(self, path: str | PathLike) -> None:
@@ -474,7 +431,8 @@ class ShardedMemory(MemoryBase):
         with _local_copy(str(path)) as local:
             storage.read_config_for(local, self.config)
         where = str(path) if "://" in str(path) else str(Path(path).resolve())
-        ray.get([s.load_range.remote(where) for s in self.shards])
+        generation = _new_generation()
+        ray.get([s.load_range.remote(where, generation) for s in self.shards])
         ray.get(self._coordinator.resync.remote())
 
     def placement(self) -> list[dict[str, Any]]:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from distmem.config import MemoryConfig
 from distmem.layer import MemoryLayer
+from distmem.memory import Memory
 from distmem.merge import MemoryRead
 
 
@@ -218,8 +218,8 @@ class Seq2Seq(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab)) if cfg.output_bias else None
         if cfg.context_to_output:
             self.context_out = nn.Linear(H, H, bias=False)
-        if cfg.use_memory:  # W_q and L2 normalisation (MemoryLayer uses only the key size of its config)
-            self.memory_layer = MemoryLayer(MemoryConfig(size=1, key_dim=H, k=1))
+        if cfg.use_memory:  # W_q and L2 normalisation
+            self.memory_layer = MemoryLayer(H)
             # learned on a log scale: the gain has to grow several-fold (measured: about 20 for the
             # remembered token of an unseen symbol to beat the network's own confident guess)
             self.memory_log_gain = nn.Parameter(torch.tensor(math.log(cfg.memory_gain)))
@@ -264,7 +264,7 @@ class Seq2Seq(nn.Module):
         return logits + self.out_bias if self.out_bias is not None else logits
 
     # -- training ------------------------------------------------------------------------------
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None, memory=None) -> Seq2SeqOutput:
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None, memory: Memory | None = None) -> Seq2SeqOutput:
         """Teacher-forced pass. With tgt_out [B, T] (the gold next tokens) the memory is read with
         them as labels (loss, recent-slot candidate) and the cross-entropy is computed."""
         _check_tokens("src", src, self.cfg.src_vocab)
@@ -305,7 +305,7 @@ class Seq2Seq(nn.Module):
         return torch.log_softmax(self.logits(top[:, 0], value, confidence), dim=-1), query, state
 
     @torch.no_grad()
-    def greedy(self, src: Tensor, memory=None, max_len: int | None = None, write: bool = False) -> Tensor:
+    def greedy(self, src: Tensor, memory: Memory | None = None, max_len: int | None = None, write: bool = False) -> Tensor:
         """Greedy decoding: src [B, S] -> tokens [B, T] (after EOS: padding). The memory is read at
         every step; with write=True the decoded tokens are then written as its labels. (Put the
         model in eval mode first if it has dropout.)"""
@@ -329,7 +329,7 @@ class Seq2Seq(nn.Module):
         return out
 
     @torch.no_grad()
-    def beam_search(self, src: Tensor, memory=None, beam: int = 4, max_len: int | None = None,
+    def beam_search(self, src: Tensor, memory: Memory | None = None, beam: int = 4, max_len: int | None = None,
                     length_penalty: float = 0.0) -> Tensor:
         """Beam search: src [B, S] -> the best hypothesis per row [B, T] (after EOS: padding).
         Scores are log-probabilities divided by ((5 + length) / 6) ** length_penalty (GNMT's).

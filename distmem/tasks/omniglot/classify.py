@@ -19,10 +19,13 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from distmem.checkpoints import read_payload
+from distmem.cli import from_dict
 from distmem.config import MemoryConfig
 from distmem.memory import LocalMemory
 from distmem.models.omniglot import OmniglotNet
-from distmem.tasks.omniglot import OmniglotRunConfig, embed
+from distmem.tasks.omniglot.config import OmniglotRunConfig
+from distmem.tasks.omniglot.evaluation import embed
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -41,9 +44,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_network(path: str | os.PathLike) -> tuple[OmniglotNet, OmniglotRunConfig]:
     """The trained network (eval mode, CPU) and the run config saved in a checkpoint (see find_checkpoint)."""
-    saved = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
-    cfg = OmniglotRunConfig(**saved["config"])
-    net = OmniglotNet(cfg.model_config(), cfg.memory_config())
+    model_pt = find_checkpoint(path)
+    saved = read_payload(model_pt.read_bytes(), str(model_pt))
+    cfg = from_dict(OmniglotRunConfig, saved["config"])
+    net = OmniglotNet(cfg.model_config())
     net.load_state_dict(saved["model"])
     return net.eval(), cfg
 
@@ -51,7 +55,7 @@ def load_network(path: str | os.PathLike) -> tuple[OmniglotNet, OmniglotRunConfi
 def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
-        raise ValueError(f"{name}: expected images [n, 28, 28] with n >= 1 (see distmem.data.omniglot.load_image), "
+        raise ValueError(f"{name}: expected images [n, 28, 28] with n >= 1 (see distmem.tasks.omniglot.data.load_image), "
                          f"got shape {list(images.shape)}")
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"{name}: expected floating images in [0, 1], got dtype {images.dtype}")

@@ -1,1 +1,0 @@
-"""Data sets read from a path (default: ../shared/data), decoded once into a cache."""

@@ -1,0 +1,72 @@
+"""Joining a Ray cluster (or starting an embedded one on 127.0.0.1) and placing memory shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from distmem.config import MemoryConfig
+from distmem.distributed.ray_compat import single_machine
+
+NAMESPACE = "distmem"
+
+
+def connect(address: str | None = None) -> None:
+    """Join `address` (default: $RAY_ADDRESS), or start an embedded local Ray on 127.0.0.1.
+
+    Call it from the main thread of a program that uses Ray from other threads too: Ray's local
+    processes die with the thread that started them (the kernel's parent-death signal follows
+    the creating thread), so an embedded Ray started inside a worker thread ends with it."""
+    if ray.is_initialized():
+        return
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        init_on_loopback(include_dashboard=False)
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"address: no Ray cluster reachable at {address!r} ({err}); expected "
+                              "'host:port' of a running head node (ray start --head), or None for an "
+                              "embedded local Ray") from None
+    if host not in ("127.0.0.1", "localhost"):
+        ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=False)
+        return
+    init_on_loopback(address=address)  # a cluster on this machine (cluster/local.sh): its nodes live on loopback
+
+
+def init_on_loopback(**init_kwargs: Any) -> None:
+    """ray.init with every address of this machine's Ray on 127.0.0.1 (an embedded Ray's processes
+    also listen on loopback only). Ray replaces 127.0.0.1 by the host's outward address unless its
+    single-machine switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) is set, and it reads that switch
+    once, at import: so it is set for the processes Ray starts (which inherit it) and, for this
+    call, in this already-imported one."""
+    with single_machine():
+        ray.init(_node_ip_address="127.0.0.1", namespace=NAMESPACE, configure_logging=False, log_to_driver=False,
+                 **init_kwargs)
+
+
+def spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: bool, detached: bool,
+                   timeout_s: float = 60.0) -> PlacementGroup:
+    """A SPREAD placement group with one bundle per shard: its slots' bytes of the `memory`
+    resource, plus one GPU when `use_gpu`. Fails with a clear error when the cluster cannot hold it."""
+    per_slot = config.key_dim * torch.tensor([], dtype=getattr(torch, config.key_dtype)).element_size() + 3 * 8
+    bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": 1.0} if use_gpu else {})}
+               for lo, hi in ranges]
+    group = placement_group(bundles, strategy="SPREAD", **({"lifetime": "detached"} if detached else {}))
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"num_shards: the cluster could not place {len(ranges)} shards of "
+                           f"{bundles[0]['memory'] / 2**30:.2f} GiB{' and one GPU' if use_gpu else ''} each within "
+                           f"{timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})") from None
+    return group

@@ -1,0 +1,71 @@
+"""The rare-symbol run config and its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from distmem.cli import check_fields, option
+from distmem.config import MemoryConfig
+from distmem.models.seq2seq import MODEL_PRESETS, Seq2SeqConfig
+from distmem.tasks.rare_symbols.data import RareSymbolTask
+
+
+@dataclass(frozen=True)
+class RareSymbolRunConfig:
+    """Everything a rare-symbol run needs; saved with every checkpoint (config.json in the run folder)."""
+
+    preset: str = option("default", "the preset this config started from")
+    model: Literal["tiny", "small", "gnmt"] = option("tiny", "model size (distmem.models.seq2seq.MODEL_PRESETS)")
+    workers: int = option(2, "data-parallel trainers (Ray Train)")
+    cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
+    threads: int = option(0, "torch threads per trainer (0: its CPUs)")
+    shards: int = option(2, "memory shards")
+    steps: int = option(2000, "training steps (one batch per trainer each)")
+    batch_size: int = option(16, "sequences per trainer per step")
+    lr: float = option(3e-3, "Adam learning rate")
+    clip_norm: float = option(5.0, "gradient-norm clipping")
+    memory_size: int = option(65536, "memory slots")
+    k: int = option(256, "nearest neighbours per query")
+    age_noise: float = option(8.0, "half-width of the age noise of the memory's update")
+    backend: Literal["torch", "faiss"] = option("torch", "exact k-NN backend of the memory")
+    gaps: tuple[int, ...] = option((1, 100, 1000, 5000), "test gaps between a context and its probe, in steps")
+    symbols_per_gap: int = option(0, "rare test symbols per gap (0: all 2,048 split evenly)")
+    log_every: int = option(100, "steps between points of the training curve")
+    checkpoint_every: int = option(500, "steps between checkpoints")
+    seed: int = option(0, "seed of the task, the streams, the initialisation and the memory")
+
+    def __post_init__(self) -> None:
+        check_fields(self, at_least_one=("workers", "shards", "steps", "batch_size", "memory_size", "k", "log_every",
+                                         "checkpoint_every"),
+                     non_negative=("cpus_per_worker", "threads", "symbols_per_gap"), positive_finite=("lr",))
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"--model: expected one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
+        if not self.gaps or min(self.gaps) < 1:
+            raise ValueError(f"--gaps: expected comma-separated steps >= 1 such as 1,100,1000, got {self.gaps!r}")
+        self.memory_config()
+
+    def task(self) -> RareSymbolTask:
+        return RareSymbolTask(seed=self.seed)
+
+    def model_config(self, use_memory: bool) -> Seq2SeqConfig:
+        """The network (the same for the runs with and without memory, but the memory's parts)."""
+        task = self.task()
+        return Seq2SeqConfig(src_vocab=task.vocab + 1, tgt_vocab=task.target_vocab, bos=task.bos, eos=task.eos,
+                             use_memory=use_memory, **MODEL_PRESETS[self.model])
+
+    def memory_config(self) -> MemoryConfig:
+        """The life-long memory: key size = the model's hidden size."""
+        return MemoryConfig(size=self.memory_size, key_dim=MODEL_PRESETS[self.model]["hidden"], k=self.k,
+                            age_noise=self.age_noise, seed=self.seed)
+
+
+PRESETS: dict[str, dict] = {
+    # CI smoke run: a few steps and short gaps, a few test symbols
+    "quick": dict(steps=20, memory_size=4096, k=64, gaps=(1, 10), symbols_per_gap=16, log_every=10,
+                  checkpoint_every=10),
+    # the measured run: within 45 minutes on 2 CPU cores, both models and the whole protocol
+    "default": dict(steps=700),
+    # GNMT sizes (a GPU job)
+    "gnmt": dict(model="gnmt", steps=50000, batch_size=128, memory_size=1_048_576, lr=2e-4, checkpoint_every=2000),
+}
