@@ -24,8 +24,9 @@ import threading
 import time
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, field, fields
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tqdm import tqdm
 
@@ -157,13 +158,14 @@ def parse_run_config(cls: type[Config], presets: dict[str, dict], description: s
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Missing files, unreachable clusters and refused checkpoints end a command with one line."""
+def user_errors(*also: type[Exception]) -> Iterator[None]:
+    """Missing files, unreachable clusters, refused checkpoints (and the exception types `also`)
+    end a command with one line and exit status 2."""
     from distmem.checkpoints import CheckpointError  # noqa: PLC0415
 
     try:
         yield
-    except (FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as err:
+    except (FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError, *also) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

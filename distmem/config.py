@@ -63,7 +63,7 @@ class MemoryConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MemoryConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

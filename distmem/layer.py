@@ -30,7 +30,7 @@ class MemoryLayer(nn.Module):
         """x [B, d] -> unit-norm queries [B, d]."""
         return F.normalize(self.query_proj(x), dim=-1)
 
-    def forward(self, x: Tensor, memory: "Memory", labels: Tensor | None = None) -> "MemoryRead":
+    def forward(self, x: Tensor, memory: Memory, labels: Tensor | None = None) -> MemoryRead:
         """x [B, d]; labels [B] in training. Returns the read (prediction, confidence, loss);
         call `memory.write(read)` when the batch should be stored."""
         return memory.read(self.query(x), labels)

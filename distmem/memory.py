@@ -7,8 +7,9 @@ written through the same merge and planning code (`distmem.merge`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from os import PathLike
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -149,7 +150,7 @@ class LocalMemory(MemoryBase):
 
     @classmethod
     def from_file(cls, path: str | PathLike, backend: str = "torch",
-                  device: torch.device | str | None = None) -> "LocalMemory":
+                  device: torch.device | str | None = None) -> LocalMemory:
         """A new memory with the config and state stored in `path` (file or checkpoint folder)."""
         memory = cls(storage.read_config(path), backend=backend, device=device)
         memory.load(path)

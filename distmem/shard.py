@@ -102,9 +102,10 @@ class MemoryShard:
         keys a reader needs.
 
         sims / ids (global) / values [B, k_s], k_s = min(k, n); first_key [B, d] (K of the local
-        top-1); step: the updates applied so far; generation (see set_generation). With labels [B]: pos_key / neg_key [B, d] (local first positive / negative
-        candidate) and this shard's recent slot per label: recent_slot, recent_seq [B] (-1: none),
-        recent_valid [B] (still holds the label), recent_key [B, d].
+        top-1); step: the updates applied so far; generation (see set_generation). With labels [B]:
+        pos_key / neg_key [B, d] (local first positive / negative candidate) and this shard's
+        recent slot per label: recent_slot, recent_seq [B] (-1: none), recent_valid [B] (still
+        holds the label), recent_key [B, d].
         """
         queries = queries.to(self.device, torch.float32)
         sims, ids = self.backend.search(self.keys, queries, min(k or self.config.k, self.n))

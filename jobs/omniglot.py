@@ -55,7 +55,7 @@ def run(cfg: OmniglotRunConfig, args) -> dict:
     store = open_run(cfg, args, name=f"omniglot-{cfg.preset}-{cfg.mode}")
 
     from distmem.distributed import connect, fit  # imports Ray
-    connect(args.address)  # here, not in the training thread: an embedded Ray lives as long as the thread that starts it
+    connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it
 
     def postfix(state: dict) -> dict[str, str]:
         point = state.get("eval") or {}

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--query", required=True, nargs="+", type=Path, help="image files or folders to classify")
     p.add_argument("--json", type=Path, default=None, help="also write the predictions to this JSON file")
     args = p.parse_args(argv)
-    with user_errors():
+    with user_errors(ValueError):  # here every ValueError is about the given images or folders
         return classify(args)
 
 

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.rules import age_noise
-from reference import ReferenceMemory
+
 from conftest import unit
+from reference import ReferenceMemory
 
 BACKENDS = ["torch", "faiss"]
 

@@ -6,6 +6,7 @@ import torch
 
 from distmem.backends import FaissBackend, TorchExactBackend, make_backend
 from distmem.topk import ordered_topk
+
 from conftest import unit
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distmem import BackendUnavailableError, LocalMemory, MemoryConfig
+
 from conftest import state_equal, unit
 
 

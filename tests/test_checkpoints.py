@@ -10,6 +10,7 @@ import torch
 
 from distmem import LocalMemory, MemoryConfig, checkpoints
 from distmem.runs import RunStore
+
 from conftest import state_equal, unit
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from distmem.cli import from_dict, parse_run_config
-from distmem.tasks.omniglot import PRESETS as OMNIGLOT, OmniglotRunConfig
-from distmem.tasks.rare_symbols import PRESETS as RARE, RareSymbolRunConfig
+from distmem.tasks.omniglot import PRESETS as OMNIGLOT
+from distmem.tasks.omniglot import OmniglotRunConfig
+from distmem.tasks.rare_symbols import PRESETS as RARE
+from distmem.tasks.rare_symbols import RareSymbolRunConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -75,10 +77,12 @@ def test_help_shows_every_flag_with_its_choices_and_help_line():
 
 
 @pytest.mark.parametrize("job, argv, message", [
-    ("jobs.omniglot", ["--data", "/nowhere/omniglot"], "error: data_dir: missing /nowhere/omniglot/images_background.zip"),
+    ("jobs.omniglot", ["--data", "/nowhere/omniglot"],
+     "error: data_dir: missing /nowhere/omniglot/images_background.zip"),
     ("jobs.omniglot", ["--resume", "/nowhere/run"], "--resume: /nowhere/run is not a run folder"),
     ("jobs.omniglot", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("jobs.omniglot_classify", ["/nowhere", "--support", "/nowhere", "--query", "/x"], "error: --support: no such folder"),
+    ("jobs.omniglot_classify", ["/nowhere", "--support", "/nowhere", "--query", "/x"],
+     "error: --support: no such folder"),
 ])
 def test_jobs_end_with_one_clear_line_and_a_non_zero_status(job, argv, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", job, *argv, "--storage", str(tmp_path)] if job == "jobs.omniglot"

@@ -74,9 +74,11 @@ def test_submitted_quick_job_spreads_the_memory_and_writes_metrics(cluster, tmp_
     assert metrics["memory"]["step"] == 4 * 50 and metrics["memory"]["filled"] > 0
     token = (state / "auth_token").read_text().strip()
     assert token not in out.stdout + out.stderr and token not in _files_text(run)
-    assert token not in _files_text(ROOT / "cluster") and token not in _files_text(state / "head" / "session_latest" / "logs")
+    assert token not in _files_text(ROOT / "cluster")
+    assert token not in _files_text(state / "head" / "session_latest" / "logs")
 
 
+@pytest.mark.slow  # the local 2-node cluster: about 40 s with its start and stop
 def test_a_driver_joins_the_cluster_by_its_loopback_address_and_the_shards_spread(cluster):
     _, client = cluster
     script = (f"from distmem import MemoryConfig, ShardedMemory\n"
@@ -89,6 +91,7 @@ def test_a_driver_joins_the_cluster_by_its_loopback_address_and_the_shards_sprea
     assert "NODES 2" in out.stdout  # one shard on each of the two nodes
 
 
+@pytest.mark.slow  # the local 2-node cluster: about 40 s with its start and stop
 def test_submissions_without_or_with_a_wrong_token_are_refused(cluster, tmp_path):
     _, client = cluster
     no_token = {k: v for k, v in client.items() if not k.startswith("RAY_AUTH")}
@@ -140,7 +143,8 @@ def test_cluster_launcher_configs_pass_rays_validation():
         starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
         assert starts.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in starts
         assert any("[gpu]" in c for c in config["setup_commands"])
-        assert config["available_node_types"]["gpu_worker"]["max_workers"] > config["available_node_types"]["gpu_worker"]["min_workers"]
+        gpu_worker = config["available_node_types"]["gpu_worker"]
+        assert gpu_worker["max_workers"] > gpu_worker["min_workers"]
     broken = prepare_config(yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text()))
     del broken["available_node_types"]["gpu_worker"]["resources"]
     with pytest.raises(Exception, match="resources"):

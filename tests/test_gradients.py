@@ -3,6 +3,7 @@
 import torch
 
 from distmem import LocalMemory, MemoryConfig, MemoryLayer
+
 from conftest import unit
 
 

@@ -23,6 +23,7 @@ from distmem.tasks.omniglot import OmniglotRunConfig, OmniglotTask
 from distmem.tasks.omniglot.data import ZIPS, Split, default_data_dir, load_omniglot, make_split
 from distmem.tasks.omniglot.evaluation import embed, evaluate, one_shot_predictions
 from distmem.tasks.omniglot.training import sample_episodes
+
 from conftest import unit
 
 ROOT = Path(__file__).parents[1]

@@ -114,5 +114,6 @@ def test_cli_classifies_a_query_folder_and_reports_accuracy(drawings, run_folder
     assert all(rows[str(query / f"char{i}" / "a.png")] == f"char{i}" for i in range(CLASSES))
     assert len(rows) == CLASSES + 1 and json.loads((tmp_path / "out.json").read_text()) == result
     assert "accuracy" in capsys.readouterr().out and result["accuracy"] >= 100 * CLASSES / (CLASSES + 1)
-    with pytest.raises(FileNotFoundError, match="--support"):
+    with pytest.raises(SystemExit) as exit_:  # one line, no traceback
         omniglot_classify.main([str(run_folder), "--support", str(tmp_path / "nope"), "--query", str(query)])
+    assert exit_.value.code == 2 and "error: --support: no such folder" in capsys.readouterr().err

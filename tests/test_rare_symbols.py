@@ -39,7 +39,8 @@ def appearances(stream, steps):
 def test_mapping_is_a_seeded_permutation():
     f = TASK.mapping()
     assert f[0] == 0 and sorted(f[1:]) == list(range(1, TASK.vocab + 1))
-    assert np.array_equal(f, RareSymbolTask(seed=3).mapping()) and not np.array_equal(f, RareSymbolTask(seed=4).mapping())
+    assert np.array_equal(f, RareSymbolTask(seed=3).mapping())
+    assert not np.array_equal(f, RareSymbolTask(seed=4).mapping())
     x = np.array([[1, 5, 0]])
     assert TASK.targets(x).tolist() == [[f[1], f[5], 0]]
     assert (TASK.bos, TASK.eos, TASK.target_vocab) == (16385, 16386, 16387)
@@ -52,7 +53,7 @@ def test_training_stream_keeps_the_specs_invariants():
     assert not set(seen) & set(TASK.rare_test.tolist())  # rare test symbols never in training
     assert all(TASK.frequent < s <= TASK.rare_train_end for s in seen)
     settled = 0
-    for s, events in seen.items():
+    for events in seen.values():
         steps_, kinds = zip(*events)
         assert kinds[0] == 1 and set(kinds[1:]) <= {2}  # introduced once, then returns
         gaps = np.diff(steps_)

@@ -22,7 +22,8 @@ def test_write_read_upload_download_round_trip(tmp_path, as_uri):
     back = store.download("checkpoints/batch-1", tmp_path / "back" / "batch-1")
     assert (back / "model.pt").read_bytes() == b"weights" and (back / "memory" / "part-0.arrow").read_bytes() == b"keys"
     assert store.download("checkpoints/batch-1/model.pt", tmp_path / "x" / "m.pt").read_bytes() == b"weights"
-    assert store.location("a/b").endswith("one/a/b") and sorted(p.name for p in root.iterdir()) == ["checkpoints", "progress.json"]
+    assert store.location("a/b").endswith("one/a/b")
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "progress.json"]
 
 
 def test_missing_files_and_bad_uris_are_named(tmp_path):

@@ -137,9 +137,10 @@ def test_beam_search_finds_the_exhaustive_best_and_beam_one_is_greedy():
     hypotheses = [(*prefix, eos) for n in range(3) for prefix in itertools.product(tokens, repeat=n)]
     hypotheses += [(*prefix, t) for prefix in itertools.product(tokens, repeat=2) for t in tokens]  # cut at max_len
     for row in range(2):
-        def score(seq):
+        def score(seq, row=row):
             out = torch.tensor([seq])
-            logp = torch.log_softmax(net(src[row:row + 1], torch.cat([torch.tensor([[bos]]), out[:, :-1]], 1)).logits, -1)
+            tgt_in = torch.cat([torch.tensor([[bos]]), out[:, :-1]], 1)
+            logp = torch.log_softmax(net(src[row:row + 1], tgt_in).logits, -1)
             return float(logp[0, torch.arange(len(seq)), out[0]].sum().detach())
         assert tuple(t for t in best[row].tolist() if t != 0) == max(hypotheses, key=score)
 

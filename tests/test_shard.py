@@ -7,6 +7,7 @@ import torch
 from distmem import LocalMemory, MemoryConfig, merge, storage
 from distmem.distributed import shard_ranges
 from distmem.shard import MemoryShard
+
 from conftest import state_equal, unit
 
 
@@ -155,7 +156,8 @@ def test_a_top1_read_writes_exactly_like_a_full_read(num_shards, backend):
             continue
         want, got = full.query(q), top1.read(q, k=1)
         assert got.ids.shape == (7, 1) and torch.equal(got.ids[:, 0], want.ids[:, 0])
-        assert torch.equal(got.prediction, want.prediction) and torch.allclose(got.sims[:, 0], want.sims[:, 0], atol=1e-6)
+        assert torch.equal(got.prediction, want.prediction)
+        assert torch.allclose(got.sims[:, 0], want.sims[:, 0], atol=1e-6)
         full.write(want, y)
         top1.write([(got, y)])
     state = {name: torch.cat([s.state()[name] for s in top1.shards]) for name in ("keys", "values", "ages")}

@@ -21,6 +21,7 @@ from distmem.tasks.omniglot import OmniglotRunConfig, OmniglotTask
 from distmem.tasks.omniglot.data import Split
 from distmem.tasks.rare_symbols import RareSymbolRunConfig, RareSymbolsTask
 from distmem.training import fit_local, skip_rows
+
 from conftest import state_equal
 from toy_task import ToyConfig, ToyTask, write_rows
 

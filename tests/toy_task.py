@@ -3,8 +3,9 @@ rows streamed from Parquet files. Adding it needed no change in distmem.distribu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -19,9 +19,10 @@ import random
 import tempfile
 import uuid
 import warnings
+from collections.abc import Iterator, Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import ray
@@ -32,11 +33,11 @@ from torch import Tensor
 
 from distmem import merge, storage
 from distmem.config import MemoryConfig
+from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
 from distmem.memory import MemoryBase
 from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
 from distmem.runs import RunStore
-from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
 from distmem.shard import MemoryShard
 
 
@@ -309,7 +310,7 @@ class ShardedMemory(MemoryBase):
         self.storage = root
 
     @classmethod
-    def attach(cls, name: str, rank: int, address: str | None = None) -> "ShardedMemory":
+    def attach(cls, name: str, rank: int, address: str | None = None) -> ShardedMemory:
         """Join the memory called `name` as writer `rank` (0 <= rank < num_writers)."""
         connect(address)
         try:
@@ -391,7 +392,8 @@ class ShardedMemory(MemoryBase):
         """Replace the whole state (as `state()` returns). Checked whole before any shard changes."""
         from distmem.validation import check_state  # noqa: PLC0415
         checked = check_state(state, self.config.size, self.config.key_dim)  # fills the default recent order
-        parts = [{**storage.slice_state(checked, slice(lo, hi), lo, hi), "step": checked["step"]} for lo, hi in self.ranges]
+        parts = [{**storage.slice_state(checked, slice(lo, hi), lo, hi), "step": checked["step"]}
+                 for lo, hi in self.ranges]
         generation = _new_generation()
         ray.get([shard.load_state.remote(part, generation) for shard, part in zip(self.shards, parts)])
         ray.get(self._coordinator.resync.remote())

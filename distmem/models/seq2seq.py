@@ -193,7 +193,7 @@ class DecoderState:
     lstm: list | None = None
     position: int = 0  # decoding steps taken
 
-    def select(self, index: Tensor) -> "DecoderState":
+    def select(self, index: Tensor) -> DecoderState:
         """The states of batch rows `index` (beam search reorders and expands rows)."""
         lstm = None if self.lstm is None else [(h[:, index], c[:, index]) for h, c in self.lstm]
         return DecoderState(self.enc[index], self.enc_keys[index], self.src_mask[index], lstm, self.position)
@@ -264,7 +264,8 @@ class Seq2Seq(nn.Module):
         return logits + self.out_bias if self.out_bias is not None else logits
 
     # -- training ------------------------------------------------------------------------------
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None, memory: Memory | None = None) -> Seq2SeqOutput:
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None,
+                memory: Memory | None = None) -> Seq2SeqOutput:
         """Teacher-forced pass. With tgt_out [B, T] (the gold next tokens) the memory is read with
         them as labels (loss, recent-slot candidate) and the cross-entropy is computed."""
         _check_tokens("src", src, self.cfg.src_vocab)
@@ -272,7 +273,8 @@ class Seq2Seq(nn.Module):
         if tgt_out is not None:
             _check_tokens("tgt_out", tgt_out, self.cfg.tgt_vocab, rows=src.shape[0])
             if tgt_out.shape != tgt_in.shape:
-                raise ValueError(f"tgt_out must have the shape of tgt_in {list(tgt_in.shape)}, got {list(tgt_out.shape)}")
+                raise ValueError(f"tgt_out must have the shape of tgt_in {list(tgt_in.shape)}, "
+                                 f"got {list(tgt_out.shape)}")
         context, top, _ = self.decode_steps(tgt_in, self.encode(src))
         mask = (tgt_out if tgt_out is not None else tgt_in) != self.cfg.pad
         value = torch.full(mask.shape, -1, dtype=torch.int64, device=src.device)
@@ -305,7 +307,8 @@ class Seq2Seq(nn.Module):
         return torch.log_softmax(self.logits(top[:, 0], value, confidence), dim=-1), query, state
 
     @torch.no_grad()
-    def greedy(self, src: Tensor, memory: Memory | None = None, max_len: int | None = None, write: bool = False) -> Tensor:
+    def greedy(self, src: Tensor, memory: Memory | None = None, max_len: int | None = None,
+               write: bool = False) -> Tensor:
         """Greedy decoding: src [B, S] -> tokens [B, T] (after EOS: padding). The memory is read at
         every step; with write=True the decoded tokens are then written as its labels. (Put the
         model in eval mode first if it has dropout.)"""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ def load_network(path: str | os.PathLike) -> tuple[OmniglotNet, OmniglotRunConfi
 def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
-        raise ValueError(f"{name}: expected images [n, 28, 28] with n >= 1 (see distmem.tasks.omniglot.data.load_image), "
-                         f"got shape {list(images.shape)}")
+        raise ValueError(f"{name}: expected images [n, 28, 28] with n >= 1 (see "
+                         f"distmem.tasks.omniglot.data.load_image), got shape {list(images.shape)}")
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"{name}: expected floating images in [0, 1], got dtype {images.dtype}")
     if not np.isfinite(images).all():
@@ -76,7 +76,7 @@ class OneShotClassifier:
         self.labels: list[Hashable] = []  # memory value v <-> self.labels[v]
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> "OneShotClassifier":
+    def from_checkpoint(cls, path: str | os.PathLike) -> OneShotClassifier:
         net, cfg = load_network(path)
         return cls(net, cfg.memory_config())
 

@@ -68,8 +68,9 @@ class OmniglotRunConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # CI smoke run: a few batches, small evaluation
-    "quick": dict(batches=4, parallel=4, conv_norm=True, eval_every=2, curve_classes=30, curve_episodes=50,
+    # smoke run: a few batches, small evaluation; the default preset's lr, so that 4 batches learn
+    # measurably (5-way 1-shot 54.5 -> 62.6% on 400 episodes; at 1e-4: 51.1%)
+    "quick": dict(batches=4, parallel=4, conv_norm=True, lr=2e-3, eval_every=2, curve_classes=30, curve_episodes=50,
                   eval_episodes=100, checkpoint_every=2),
     # under 15 minutes on 2 CPU cores; chosen at equal compute (docs/experiments.md)
     "default": dict(batches=180, parallel=8, conv_norm=True, lr=2e-3, lr_schedule="cosine", eval_every=36,

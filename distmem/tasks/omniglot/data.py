@@ -32,7 +32,7 @@ def default_data_dir() -> Path:
     if os.environ.get("DISTMEM_DATA"):
         return Path(os.environ["DISTMEM_DATA"]) / "omniglot"
     candidates = [Path.cwd().parent / "shared/data/omniglot",
-                  Path(__file__).resolve().parents[3] / "shared/data/omniglot"]
+                  Path(__file__).resolve().parents[4] / "shared/data/omniglot"]
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 

@@ -8,7 +8,8 @@ global class ids). Rank 0's evaluation is the 5-way curve on held-out classes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

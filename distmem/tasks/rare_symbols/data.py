@@ -26,8 +26,8 @@ Test stream: each rare test symbol gets a gap g; its *context* sequence comes in
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

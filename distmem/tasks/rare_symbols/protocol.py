@@ -1,18 +1,19 @@
 """The test protocol of `shared/docs/rare-symbol-task.md` for a sequence-to-sequence model.
 
-`run_protocol`: the `ProbeStream` is played through the memory. At each step the
-probe sequences of that step are first decoded greedily (the memory read, not written); then the
-whole step (contexts, probes and traffic) is written with its gold labels, without a gradient
-step, as in the one-shot evaluation protocol (a read without labels: no recent-slot candidate;
-it needs only each query's nearest slot, hence a top-1 read). A probe counts as a 1-shot hit when the token decoded at its rare symbol's
-position is f(symbol). A model without memory has no state, so only its probes are decoded (all
-at once after the stream, in large batches: the same answers, in seconds instead of minutes).
+`run_protocol`: the `ProbeStream` is played through the memory. At each step the probe sequences
+of that step are first decoded greedily (the memory read, not written); then the whole step
+(contexts, probes and traffic) is written with its gold labels, without a gradient step, as in
+the one-shot evaluation protocol (a read without labels: no recent-slot candidate; it needs only
+each query's nearest slot, hence a top-1 read). A probe counts as a 1-shot hit when the token
+decoded at its rare symbol's position is f(symbol). A model without memory has no state, so only
+its probes are decoded (all at once after the stream, in large batches: the same answers, in
+seconds instead of minutes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -98,9 +99,10 @@ def summarize(results: list[ProbeResult], gaps: tuple[int, ...]) -> dict[str, di
         n = len(mine)
         hits = sum(r.rare_hit for r in mine)
         p = hits / n if n else float("nan")
+        frequent = sum(r.frequent_right for r in mine) / max(1, sum(r.frequent_total for r in mine))
         out[str(gap)] = {"rare_accuracy": 100 * p,
                          "rare_ci95": wilson_interval(hits, n),
-                         "frequent_accuracy": 100 * sum(r.frequent_right for r in mine) / max(1, sum(r.frequent_total for r in mine)),
+                         "frequent_accuracy": 100 * frequent,
                          "exact_sequences": 100 * sum(r.exact for r in mine) / n if n else float("nan"),
                          "probes": n}
     return out

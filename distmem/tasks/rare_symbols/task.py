@@ -7,7 +7,8 @@ function of its steps). With memory, the workers are the writers of one life-lon
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

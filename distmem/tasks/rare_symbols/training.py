@@ -35,8 +35,8 @@ def to_tensors(task: RareSymbolTask, inputs: np.ndarray, device: torch.device | 
     return Seq2SeqBatch(src, torch.cat([bos, y], 1), torch.cat([y, eos], 1))
 
 
-def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batch: StreamBatch, optimizer: torch.optim.Optimizer,
-               clip_norm: float = 5.0) -> dict[str, float]:
+def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batch: StreamBatch,
+               optimizer: torch.optim.Optimizer, clip_norm: float = 5.0) -> dict[str, float]:
     """One update on a stream batch; writes the batch into `memory` (None: a model without one).
 
     Returns the cross-entropy, the memory loss, the token accuracy, and the accuracy on the rare
@@ -54,7 +54,8 @@ def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batc
     if out.read is not None:
         memory.write(out.read)
     pred = out.logits.argmax(-1)
-    metrics = {"ce": float(out.ce.detach()), "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
+    metrics = {"ce": float(out.ce.detach()),
+               "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
                "accuracy": float((pred == t.tgt_out)[out.mask].float().mean())}
     returns = np.nonzero(batch.kind == 2)[0]
     if len(returns):
