@@ -6,10 +6,11 @@ Importing distmem starts no Ray and imports no faiss; those load when a memory n
 from distmem.backends import BackendUnavailableError
 from distmem.config import MemoryConfig
 from distmem.layer import MemoryLayer
-from distmem.memory import LocalMemory
+from distmem.memory import LocalMemory, Memory
 from distmem.merge import MemoryRead
 
-__all__ = ["BackendUnavailableError", "LocalMemory", "MemoryConfig", "MemoryLayer", "MemoryRead", "ShardedMemory"]
+__all__ = ["BackendUnavailableError", "LocalMemory", "Memory", "MemoryConfig", "MemoryLayer", "MemoryRead",
+           "ShardedMemory"]
 __version__ = "0.1.0"
 
 

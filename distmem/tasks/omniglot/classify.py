@@ -11,7 +11,6 @@ trained network embeds both; nothing of the training memory is used.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -19,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distmem.checkpoints import read_payload
+from distmem import checkpoints
 from distmem.cli import from_dict
 from distmem.config import MemoryConfig
 from distmem.memory import LocalMemory
 from distmem.models.omniglot import OmniglotNet
+from distmem.runs import RunStore
 from distmem.tasks.omniglot.config import OmniglotRunConfig
 from distmem.tasks.omniglot.evaluation import embed
 
@@ -31,9 +31,8 @@ from distmem.tasks.omniglot.evaluation import embed
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The model.pt of a run folder (its latest checkpoint), a checkpoint folder, or the file itself."""
     path = Path(path)
-    pointer = path / "checkpoints" / "latest.json"
-    if pointer.is_file():
-        path = path / "checkpoints" / json.loads(pointer.read_text())["name"]
+    if path.is_dir() and checkpoints.latest(RunStore(path)) is not None:
+        path = Path(RunStore(path).path(checkpoints.latest(RunStore(path))))
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
@@ -45,7 +44,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def load_network(path: str | os.PathLike) -> tuple[OmniglotNet, OmniglotRunConfig]:
     """The trained network (eval mode, CPU) and the run config saved in a checkpoint (see find_checkpoint)."""
     model_pt = find_checkpoint(path)
-    saved = read_payload(model_pt.read_bytes(), str(model_pt))
+    saved = checkpoints.read_payload(model_pt.read_bytes(), str(model_pt))
     cfg = from_dict(OmniglotRunConfig, saved["config"])
     net = OmniglotNet(cfg.model_config())
     net.load_state_dict(saved["model"])
