@@ -181,6 +181,7 @@ def run_worker(task: Task, store: RunStore, rank: int = 0, world: int = 1, memor
     saved = checkpoints.restore(store, model, optimizer)
     start = saved["step"] if saved else 0
     curve, evals = (saved["curve"], saved["evals"]) if saved else ([], [])
+    elapsed = saved.get("seconds", 0.0) if saved else 0.0  # training time before this process
     if memory is None and spec is not None and not spec.shared:
         memory = make_memory(spec, device)
         if saved is not None:  # rank 0's memory as checkpointed
@@ -188,13 +189,15 @@ def run_worker(task: Task, store: RunStore, rank: int = 0, world: int = 1, memor
     net = model
     model = prepare(model)
     window: dict[str, list[float]] = {}
-    started = time.time()
+    started = time.time() - elapsed
     source = task.data()
     if rows is not None and source is not None and start:
         rows = skip_rows(rows, start * source.rows_per_step)
     batches = task.batches(rank, world, start, rows)
     for step in range(start, schedule.steps):
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:
+            raise RuntimeError(f"{task.name}: its batches ended at step {step} of {schedule.steps}")
         torch.manual_seed(step_seed(schedule.seed, rank, step))
         metrics = task.train_step(model, memory, batch, optimizer, step)
         done = step + 1
@@ -212,7 +215,7 @@ def run_worker(task: Task, store: RunStore, rank: int = 0, world: int = 1, memor
             checkpoints.save(store, f"step-{done:07d}",
                              {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                               "config": asdict(task.config), "task": task.name, "step": done, "curve": curve,
-                              "evals": evals, "summary": task.summary()}, memory)
+                              "evals": evals, "summary": task.summary(), "seconds": time.time() - started}, memory)
         store.write_text("progress.json", json.dumps({"step": done, "of": schedule.steps, **metrics,
                                                       "eval": evals[-1] if evals else None}))
 
