@@ -48,9 +48,27 @@ def read_payload(data: bytes, where: str) -> dict[str, Any]:
     return payload
 
 
+def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A payload written before the one training loop, in today's terms: Omniglot counted its
+    updates as "batch" and kept its evaluation points as "curve"; the rare-symbol task kept its
+    stream position as "rare_exhausted_at"."""
+    if "evals" in payload:
+        return payload
+    payload = dict(payload)
+    if "batch" in payload:  # Omniglot
+        payload["step"] = payload.pop("batch")
+        payload["evals"] = [{"step": point.pop("batch"), **point} for point in map(dict, payload.get("curve", []))]
+        payload["curve"] = []
+    else:
+        payload["evals"] = []
+    payload.setdefault("summary", {"rare_exhausted_at": payload.get("rare_exhausted_at")}
+                       if "rare_exhausted_at" in payload else {})
+    return payload
+
+
 def load(store: RunStore, checkpoint: str) -> dict[str, Any]:
     """The model.pt payload of checkpoint folder `checkpoint` of the run (on the CPU)."""
-    return read_payload(store.read_bytes(f"{checkpoint}/model.pt"), store.location(f"{checkpoint}/model.pt"))
+    return upgrade(read_payload(store.read_bytes(f"{checkpoint}/model.pt"), store.location(f"{checkpoint}/model.pt")))
 
 
 def save(store: RunStore, name: str, payload: dict[str, Any], memory: Memory | None = None) -> None:

@@ -100,13 +100,18 @@ def flag_spec(kind: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
-    """A run config from plain data (config.json, a checkpoint): JSON lists become tuples."""
+    """A run config from plain data (config.json, a checkpoint): JSON lists (and the comma-separated
+    strings of older runs) become tuples."""
     hints = typing.get_type_hints(cls)
     unknown = set(data) - set(hints)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    coerced = {name: tuple(value) if isinstance(value, list) and typing.get_origin(_unwrap_optional(hints[name]))
-               is tuple else value for name, value in data.items()}
+    coerced = {}
+    for name, value in data.items():
+        kind = _unwrap_optional(hints[name])
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, str)):  # str: configs of older runs
+            value = tuple(value) if isinstance(value, list) else _parse_tuple(typing.get_args(kind)[0])(value)
+        coerced[name] = value
     return cls(**coerced)
 
 

@@ -64,3 +64,23 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     with pytest.raises(checkpoints.CheckpointError):
         checkpoints.load(store, "checkpoints/step-1")
     assert not marker.exists()
+
+
+def test_checkpoints_of_runs_from_before_the_one_training_loop_still_resume(tmp_path):
+    """Omniglot counted "batch" and kept its evaluation points as "curve"; rare symbols kept
+    "rare_exhausted_at" and its gaps as a string."""
+    from distmem.cli import from_dict
+    from distmem.tasks.rare_symbols import RareSymbolRunConfig
+
+    store = RunStore(tmp_path / "run")
+    model = torch.nn.Linear(2, 2)
+    checkpoints.save(store, "batch-0000002", {"model": model.state_dict(), "config": {}, "batch": 2,
+                                              "curve": [{"batch": 2, "seconds": 1.0, "1-shot": 80.0}]})
+    saved = checkpoints.restore(store, torch.nn.Linear(2, 2))
+    assert saved["step"] == 2 and saved["evals"] == [{"step": 2, "seconds": 1.0, "1-shot": 80.0}]
+    assert saved["curve"] == [] and saved["summary"] == {}
+    checkpoints.save(store, "step-0000003", {"model": model.state_dict(), "step": 3, "curve": [{"step": 3}],
+                                             "rare_exhausted_at": 5})
+    saved = checkpoints.load(store, checkpoints.latest(store))
+    assert saved["evals"] == [] and saved["curve"] == [{"step": 3}] and saved["summary"] == {"rare_exhausted_at": 5}
+    assert from_dict(RareSymbolRunConfig, {"gaps": "1,100"}).gaps == (1, 100)
