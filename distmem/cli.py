@@ -180,6 +180,11 @@ def open_run(cfg: Any, args: argparse.Namespace, name: str) -> RunStore:
     (with a resume's overrides) and prints where it is."""
     if args.resume:
         store = RunStore(args.resume)
+        from distmem import checkpoints  # noqa: PLC0415
+
+        latest = checkpoints.latest(store)
+        if latest is not None:  # a damaged or unsafe checkpoint is refused before anything starts
+            checkpoints.load(store, latest)
     else:
         store = RunStore(f"{str(args.storage).rstrip('/')}/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     store.write_text("config.json", json.dumps(asdict(cfg), indent=1))
@@ -190,15 +195,18 @@ def open_run(cfg: Any, args: argparse.Namespace, name: str) -> RunStore:
 def follow(store: RunStore, total: int, desc: str, work: Callable[[], Any], unit: str = "step",
            postfix: Callable[[dict], dict[str, str]] = lambda state: {}, progress_file: str = "progress.json") -> Any:
     """Run `work()` (the trainer) in a thread while a progress bar follows `progress_file` in the
-    run folder (its "step" counts up to `total`). Returns what `work` returns; raises SystemExit
-    if it failed.
+    run folder (its "step" counts up to `total`). Returns what `work` returns, or raises what it
+    raised (here, in the caller's thread).
 
     The caller connects to Ray first, in the main thread: an embedded Ray lives as long as the
     thread that starts it."""
     outcome: dict = {}
 
     def run() -> None:
-        outcome["result"] = work()
+        try:
+            outcome["result"] = work()
+        except BaseException as err:  # re-raised in the caller's thread, after the bar closes
+            outcome["error"] = err
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -212,6 +220,6 @@ def follow(store: RunStore, total: int, desc: str, work: Callable[[], Any], unit
                 continue
             bar.update(state["step"] - bar.n)
             bar.set_postfix(postfix(state), refresh=False)  # refreshed by update(), at most every mininterval
-    if "result" not in outcome:
-        raise SystemExit(f"{desc} failed (see the error above)")
+    if "error" in outcome:
+        raise outcome["error"]
     return outcome["result"]

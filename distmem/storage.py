@@ -67,10 +67,26 @@ def _write_table(path: Path, table: pa.Table) -> None:
 def _read_table(path: Path) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"path: {path} does not exist")
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    with pa.memory_map(str(path)) as source:
-        return ipc.open_file(source).read_all()
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as err:  # truncated or not Arrow at all
+        raise ValueError(f"path: {path} is not a readable Arrow / Parquet file ({err})") from None
+
+
+def _check_columns(path: str | PathLike, table: pa.Table, key_dim: int) -> None:
+    """The memory file's columns have the types and sizes it promises (a damaged or foreign file
+    is refused before anything is loaded)."""
+    keys = table.schema.field("keys").type
+    if not (pa.types.is_fixed_size_list(keys) and pa.types.is_floating(keys.value_type) and keys.list_size == key_dim):
+        raise ValueError(f"path: {path}: column 'keys' must be fixed_size_list<float>[{key_dim}], got {keys}")
+    for name in ("values", "ages"):
+        if not pa.types.is_integer(table.schema.field(name).type):
+            raise ValueError(f"path: {path}: column {name!r} must be integers, got {table.schema.field(name).type}")
+    if table.column("keys").null_count or table.column("values").null_count or table.column("ages").null_count:
+        raise ValueError(f"path: {path}: memory columns hold nulls")
 
 
 def write_memory_file(path: str | PathLike, config: MemoryConfig, state: dict[str, Tensor], lo: int = 0) -> None:
@@ -91,15 +107,27 @@ def read_memory_file(path: str | PathLike) -> tuple[MemoryConfig, dict[str, Tens
     raw = (table.schema.metadata or {}).get(b"distmem")
     if raw is None or not {"keys", "values", "ages"} <= set(table.column_names):
         raise ValueError(f"path: {path} is not a distmem memory file (no 'distmem' metadata or missing columns)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+        config = MemoryConfig.from_dict(meta["config"])
+        step, lo = int(meta["step"]), int(meta.get("lo", 0))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"path: {path}: damaged 'distmem' metadata ({err})") from None
+    _check_columns(path, table, config.key_dim)
+    if not 0 <= lo <= lo + table.num_rows <= config.size:
+        raise ValueError(f"path: {path}: slots [{lo}, {lo + table.num_rows}) lie outside the memory's "
+                         f"{config.size} slots")
     state = {"keys": _keys_tensor(table.column("keys"), table.num_rows),
              "values": torch.from_numpy(table.column("values").to_numpy().astype(np.int64)),
              "ages": torch.from_numpy(table.column("ages").to_numpy().astype(np.int64)),
-             "step": torch.tensor(int(meta["step"]))}
+             "step": torch.tensor(step)}
     for name in _RECENT:
         if name in meta:
-            state[name] = torch.tensor(meta[name], dtype=torch.int64)
-    return MemoryConfig.from_dict(meta["config"]), state, int(meta.get("lo", 0))
+            try:
+                state[name] = torch.tensor(meta[name], dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"path: {path}: damaged {name!r} metadata ({err})") from None
+    return config, state, lo
 
 
 def write_manifest(folder: str | PathLike, config: MemoryConfig, step: int, parts: list[tuple[str, int, int]]) -> None:
@@ -109,14 +137,33 @@ def write_manifest(folder: str | PathLike, config: MemoryConfig, step: int, part
     _atomic_write(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(body))
 
 
+def read_manifest(folder: str | PathLike) -> tuple[MemoryConfig, list[tuple[Path, int, int]]]:
+    """(config, parts as (file, lo, hi)) of a checkpoint folder. Every part must be a plain file
+    name inside the folder: a manifest naming "../x", an absolute path or a URI is refused."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"path: {folder} has no {MANIFEST}; not a finished distmem checkpoint")
+    try:
+        body = json.loads(manifest.read_text())
+        config = MemoryConfig.from_dict(body["config"])
+        parts = [(str(p["file"]), int(p["lo"]), int(p["hi"])) for p in body["parts"]]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"path: {manifest} is damaged ({err})") from None
+    for name, lo, hi in parts:
+        if name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name:
+            raise ValueError(f"path: {manifest} names the part {name!r}, which is not a file inside {folder}; "
+                             "refused")
+        if not 0 <= lo < hi <= config.size:
+            raise ValueError(f"path: {manifest}: part {name!r} has slots [{lo}, {hi}) outside [0, {config.size})")
+    return config, [(folder / name, lo, hi) for name, lo, hi in parts]
+
+
 def read_config(path: str | PathLike) -> MemoryConfig:
     """The config stored in a memory file or checkpoint folder."""
     path = Path(path)
     if path.is_dir():
-        manifest = path / MANIFEST
-        if not manifest.is_file():
-            raise FileNotFoundError(f"path: {path} has no {MANIFEST}; not a finished distmem checkpoint")
-        return MemoryConfig.from_dict(json.loads(manifest.read_text())["config"])
+        return read_manifest(path)[0]
     return read_memory_file(path)[0]
 
 
@@ -143,8 +190,7 @@ def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, di
     the range, global ids)."""
     path = Path(path)
     if path.is_dir():
-        config = read_config(path)
-        parts = [(path / p["file"], p["lo"], p["hi"]) for p in json.loads((path / MANIFEST).read_text())["parts"]]
+        config, parts = read_manifest(path)
     elif path.is_file():
         config, state, file_lo = read_memory_file(path)
         parts = [(path, file_lo, file_lo + len(state["values"]))]
@@ -154,7 +200,10 @@ def read_range(path: str | PathLike, lo: int, hi: int) -> tuple[MemoryConfig, di
     for file, p_lo, p_hi in sorted(parts, key=lambda p: p[1]):
         if p_hi <= lo or p_lo >= hi:
             continue
-        _, part, _ = read_memory_file(file)
+        part_config, part, part_lo = read_memory_file(file)
+        if part_lo != p_lo or len(part["values"]) != p_hi - p_lo or part_config.key_dim != config.key_dim:
+            raise ValueError(f"path: {file} holds slots [{part_lo}, {part_lo + len(part['values'])}) of key size "
+                             f"{part_config.key_dim}; the manifest promises [{p_lo}, {p_hi}) of {config.key_dim}")
         a, b = max(lo, p_lo) - p_lo, min(hi, p_hi) - p_lo
         if p_lo + a != covered:
             break

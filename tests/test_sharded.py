@@ -336,3 +336,51 @@ def test_the_loopback_workaround_names_the_missing_ray_internal(monkeypatch):
     with pytest.raises(RuntimeError, match=r"no ray._private.ray_constants.ENABLE_RAY_CLUSTER.*ray==2\.60\.\*"):
         with ray_compat.single_machine():
             pass
+
+
+def test_a_dashboard_url_in_ray_address_says_what_to_set(tmp_path):
+    """`cluster/local.sh env` exports the dashboard URL for `ray job submit`; a program run directly
+    with it gets one line naming the variable and what to set instead, not a hang or a wrong cluster."""
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8275"}
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", "from distmem.distributed import connect; connect()"], env=env,
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode != 0 and "ConnectionError: RAY_ADDRESS: 'http://127.0.0.1:8275' is a Ray dashboard URL" \
+        in out.stderr and "--address HOST:PORT" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--storage", str(tmp_path)],
+                         env=env, capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 2 and "error: RAY_ADDRESS: 'http://127.0.0.1:8275' is a Ray dashboard URL" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _bytes_read(pid: int) -> int:
+    """Bytes the process has read through read() calls so far (files, pipes and sockets)."""
+    return int(dict(line.split(": ") for line in open(f"/proc/{pid}/io").read().splitlines())["rchar"])
+
+
+def test_loading_a_checkpoint_from_a_uri_reads_only_what_each_process_needs(sharded_cls, tmp_path):
+    """Each shard fetches only the parts that overlap its slots, the driver only the manifest
+    (before: the whole checkpoint once in the driver and once in every shard)."""
+    cfg = MemoryConfig(size=200_000, key_dim=16, k=4, age_noise=0.0)  # two parts of about 8 MB each
+    source = sharded_cls(cfg, 2)
+    try:
+        source.step(unit(6, 16, seed=1), torch.arange(6))
+        source.save(tmp_path / "ckpt")
+    finally:
+        source.shutdown()
+    parts = sorted((tmp_path / "ckpt").glob("part-*.arrow"))
+    part_bytes = [p.stat().st_size for p in parts]
+    assert len(parts) == 2 and min(part_bytes) > 6_000_000
+    mem = sharded_cls(cfg, 2)
+    try:
+        pids = [info["pid"] for info in mem.placement()]
+        before = [_bytes_read(pid) for pid in pids], _bytes_read(os.getpid())
+        mem.load(f"file://{tmp_path / 'ckpt'}")
+        shard_read = [_bytes_read(pid) - b for pid, b in zip(pids, before[0])]
+        driver_read = _bytes_read(os.getpid()) - before[1]
+        assert mem.step_count == 1 and state_equal(mem.state(), LocalMemory.from_file(tmp_path / "ckpt").state())
+    finally:
+        mem.shutdown()
+    for got, own, other in zip(shard_read, part_bytes, reversed(part_bytes)):
+        assert own <= got < own + other / 2, (shard_read, part_bytes)  # its part, not its neighbour's
+    assert driver_read < 1_000_000, driver_read  # the manifest (and Ray's own messages), no part

@@ -24,11 +24,18 @@ def connect(address: str | None = None) -> None:
     the creating thread), so an embedded Ray started inside a worker thread ends with it."""
     if ray.is_initialized():
         return
+    source = "address"
     if address is None:
-        address = os.environ.get("RAY_ADDRESS") or None
+        address, source = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
     if address in (None, "local"):
         init_on_loopback(include_dashboard=False)
         return
+    if address.startswith(("http://", "https://")):  # what `ray job submit` wants, not a driver
+        raise ConnectionError(
+            f"{source}: {address!r} is a Ray dashboard URL, the address `ray job submit` uses; a program that "
+            "joins the cluster itself needs the head's GCS address 'host:port' (`ray start --head` prints it; "
+            "cluster/local.sh up prints it as 'GCS address'). Pass --address HOST:PORT, or run the job with "
+            "`ray job submit` (which sets RAY_ADDRESS for it), or unset RAY_ADDRESS for an embedded local Ray")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=5):

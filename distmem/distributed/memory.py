@@ -39,6 +39,7 @@ from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
 from distmem.runs import RunStore
 from distmem.shard import MemoryShard
+from distmem.validation import check_state
 
 
 def _wire(obj: Any) -> Any:
@@ -70,14 +71,26 @@ def _unwire(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _local_copy(path: str) -> Iterator[str]:
-    """A local path of a memory file or checkpoint folder: itself, or a temporary download of a URI."""
+def _local_copy(path: str, lo: int | None = None, hi: int | None = None) -> Iterator[str]:
+    """A local path of a memory file or checkpoint folder: itself, or a temporary download of a
+    URI. Of a checkpoint folder only the manifest comes down, plus the parts that overlap slots
+    [lo, hi) when a range is given: a shard fetches its own slots, the driver only the config."""
     if "://" not in path:
         yield path
         return
+    parent, _, name = path.rstrip("/").rpartition("/")
+    folder = RunStore(path)
     with tempfile.TemporaryDirectory() as tmp:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        yield str(RunStore(parent).download(name, Path(tmp) / name))
+        if not folder.exists(storage.MANIFEST):  # a single memory file
+            yield str(RunStore(parent).download(name, Path(tmp) / name))
+            return
+        local = Path(tmp) / name
+        folder.download(storage.MANIFEST, local / storage.MANIFEST)
+        if lo is not None:
+            for file, p_lo, p_hi in storage.read_manifest(local)[1]:  # names checked: files inside the folder
+                if p_lo < hi and p_hi > lo:
+                    folder.download(file.name, local / file.name)
+        yield str(local)
 
 
 def _new_generation() -> int:
@@ -101,6 +114,7 @@ class ShardActor:
             faiss.omp_set_num_threads(threads)
         self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
                                  storage_dir=storage_dir, snapshot_every=snapshot_every)
+        self._staged: dict[str, Tensor] | None = None  # a checked part of a load, until every shard has its own
 
     # hot path: numpy over the wire
     def search(self, queries: np.ndarray, labels: np.ndarray | None, k: int | None = None) -> dict[str, np.ndarray]:
@@ -129,10 +143,22 @@ class ShardActor:
         self.shard.load_state(state, copy=False)  # a deserialised copy that only this call holds
         self.shard.set_generation(generation)
 
-    def load_range(self, path: str, generation: int) -> None:
-        with _local_copy(path) as local:
-            self.shard.load_state(storage.read_range(local, self.shard.lo, self.shard.hi)[1], copy=False)
+    def stage_range(self, path: str) -> None:
+        """Read and check this shard's slots of a memory file or checkpoint; nothing changes yet."""
+        self._staged = None
+        with _local_copy(path, self.shard.lo, self.shard.hi) as local:
+            state = storage.read_range(local, self.shard.lo, self.shard.hi)[1]
+        self._staged = check_state(state, self.shard.n, self.shard.config.key_dim, lo=self.shard.lo)
+
+    def commit_staged(self, generation: int) -> None:
+        if self._staged is None:
+            raise RuntimeError("load: nothing staged on this shard (it restarted during the load); load again")
+        state, self._staged = self._staged, None
+        self.shard.load_state(state, copy=False)
         self.shard.set_generation(generation)
+
+    def drop_staged(self) -> None:
+        self._staged = None
 
     def save_part(self, folder: str, name: str) -> tuple[int, int, int]:
         """Write this shard's part into `folder` (a local folder or a URI: written here, then uploaded)."""
@@ -390,7 +416,6 @@ class ShardedMemory(MemoryBase):
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Replace the whole state (as `state()` returns). Checked whole before any shard changes."""
-        from distmem.validation import check_state  # noqa: PLC0415
         checked = check_state(state, self.config.size, self.config.key_dim)  # fills the default recent order
         parts = [{**storage.slice_state(checked, slice(lo, hi), lo, hi), "step": checked["step"]}
                  for lo, hi in self.ranges]
@@ -429,12 +454,18 @@ class ShardedMemory(MemoryBase):
 
     def load(self, path: str | PathLike) -> None:
         """Load a checkpoint folder or memory file (local, or a URI) of a memory of the same size
-        (any shard count)."""
+        (any shard count). From a URI, this process reads only the manifest and each shard only
+        the parts that overlap its slots. A damaged file changes no shard."""
         with _local_copy(str(path)) as local:
             storage.read_config_for(local, self.config)
         where = str(path) if "://" in str(path) else str(Path(path).resolve())
+        try:  # every shard reads and checks its part first: a bad file changes no shard
+            ray.get([s.stage_range.remote(where) for s in self.shards])
+        except BaseException:
+            ray.get([s.drop_staged.remote() for s in self.shards])
+            raise
         generation = _new_generation()
-        ray.get([s.load_range.remote(where, generation) for s in self.shards])
+        ray.get([s.commit_staged.remote(generation) for s in self.shards])
         ray.get(self._coordinator.resync.remote())
 
     def placement(self) -> list[dict[str, Any]]:

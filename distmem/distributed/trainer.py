@@ -73,6 +73,9 @@ def fit(task: Task, store: RunStore, address: str | None = None, memory_storage:
 
     Each worker reserves `cpus_per_worker` CPUs (0: the cluster's CPUs / workers) and one GPU
     when the cluster has one per worker beyond the memory's shards."""
+    checkpoint = checkpoints.latest(store)
+    if checkpoint is not None:  # a damaged or unsafe checkpoint is refused here, before any worker starts
+        checkpoints.load(store, checkpoint)
     connect(address)
     schedule = task.schedule()
     memory = shared_memory(task, store, memory_storage)
