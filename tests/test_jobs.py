@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from jobs import bench_memory, bench_sharded
 
 
@@ -15,6 +17,7 @@ def test_bench_memory_runs_and_reports_ratios(tmp_path):
     assert all(row["ratio"] > 0 for row in out["runs"].values()) and (tmp_path / "m.json").is_file()
 
 
+@pytest.mark.slow  # a job smoke run: about 20 s with its Ray start
 def test_bench_sharded_runs_and_counts_bytes(ray_local):
     out = bench_sharded.main(["--size", "3000", "--dim", "16", "--batch", "64", "--k", "8", "--rounds", "1",
                               "--shards", "1,2"])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
 
@@ -131,22 +132,6 @@ def test_checkpoint_loads_into_other_shard_counts(sharded_cls, ray_local, tmp_pa
     finally:
         two.shutdown()
         three.shutdown()
-
-
-def test_checkpoint_through_a_pyarrow_uri(sharded_cls, tmp_path):
-    mem = sharded_cls(CFG, 2)
-    other = sharded_cls(CFG, 3)
-    try:
-        for step in batches(4, 1, seed=5):
-            mem.step(*step[0])
-        mem.save(f"file://{tmp_path}/ckpt")  # each shard uploads its own part
-        assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"manifest.json", "part-0000-of-0002.arrow",
-                                                                  "part-0001-of-0002.arrow"}
-        other.load(f"file://{tmp_path}/ckpt")
-        assert state_equal(other.state(), mem.state())
-    finally:
-        mem.shutdown()
-        other.shutdown()
 
 
 def test_a_restarted_writer_replaces_its_lost_request(sharded_cls, ray_local):
@@ -343,14 +328,10 @@ def test_a_dashboard_url_in_ray_address_says_what_to_set(tmp_path):
     with it gets one line naming the variable and what to set instead, not a hang or a wrong cluster."""
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8275"}
     root = os.path.dirname(os.path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", "from distmem.distributed import connect; connect()"], env=env,
-                         capture_output=True, text=True, cwd=root, timeout=120)
-    assert out.returncode != 0 and "ConnectionError: RAY_ADDRESS: 'http://127.0.0.1:8275' is a Ray dashboard URL" \
-        in out.stderr and "--address HOST:PORT" in out.stderr
     out = subprocess.run([sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--storage", str(tmp_path)],
                          env=env, capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 2 and "error: RAY_ADDRESS: 'http://127.0.0.1:8275' is a Ray dashboard URL" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "--address HOST:PORT" in out.stderr and "Traceback" not in out.stderr
 
 
 def _bytes_read(pid: int) -> int:
@@ -358,29 +339,33 @@ def _bytes_read(pid: int) -> int:
     return int(dict(line.split(": ") for line in open(f"/proc/{pid}/io").read().splitlines())["rchar"])
 
 
-def test_loading_a_checkpoint_from_a_uri_reads_only_what_each_process_needs(sharded_cls, tmp_path):
-    """Each shard fetches only the parts that overlap its slots, the driver only the manifest
-    (before: the whole checkpoint once in the driver and once in every shard)."""
-    cfg = MemoryConfig(size=200_000, key_dim=16, k=4, age_noise=0.0)  # two parts of about 8 MB each
+def test_a_checkpoint_through_a_uri_moves_only_what_each_process_needs(sharded_cls, tmp_path):
+    """Saved through a URI (each shard uploads its own part) and loaded through one into 3 shards:
+    each shard fetches only the parts that overlap its slots, the caller only the manifest (before:
+    the whole checkpoint once in the caller and once in every shard)."""
+    cfg = MemoryConfig(size=120_000, key_dim=16, k=4, age_noise=0.0)  # two parts of about 5 MB each
     source = sharded_cls(cfg, 2)
     try:
-        source.step(unit(6, 16, seed=1), torch.arange(6))
-        source.save(tmp_path / "ckpt")
+        for step in batches(3, 1, seed=5):
+            source.step(F.normalize(torch.cat([step[0][0]] * 2, 1), dim=1), step[0][1])
+        source.save(f"file://{tmp_path}/ckpt")
+        saved = source.state()
     finally:
         source.shutdown()
-    parts = sorted((tmp_path / "ckpt").glob("part-*.arrow"))
-    part_bytes = [p.stat().st_size for p in parts]
-    assert len(parts) == 2 and min(part_bytes) > 6_000_000
-    mem = sharded_cls(cfg, 2)
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"manifest.json", "part-0000-of-0002.arrow",
+                                                              "part-0001-of-0002.arrow"}
+    part_bytes = [(tmp_path / "ckpt" / f"part-000{i}-of-0002.arrow").stat().st_size for i in (0, 1)]
+    mem = sharded_cls(cfg, 3)
     try:
         pids = [info["pid"] for info in mem.placement()]
         before = [_bytes_read(pid) for pid in pids], _bytes_read(os.getpid())
         mem.load(f"file://{tmp_path / 'ckpt'}")
         shard_read = [_bytes_read(pid) - b for pid, b in zip(pids, before[0])]
         driver_read = _bytes_read(os.getpid()) - before[1]
-        assert mem.step_count == 1 and state_equal(mem.state(), LocalMemory.from_file(tmp_path / "ckpt").state())
+        assert state_equal(mem.state(), saved)
     finally:
         mem.shutdown()
-    for got, own, other in zip(shard_read, part_bytes, reversed(part_bytes)):
-        assert own <= got < own + other / 2, (shard_read, part_bytes)  # its part, not its neighbour's
+    # slots [0, 40k) lie in part 0, [40k, 80k) in both, [80k, 120k) in part 1
+    for got, needed in zip(shard_read, [part_bytes[0], sum(part_bytes), part_bytes[1]]):
+        assert needed <= got < needed + min(part_bytes) / 2, (shard_read, part_bytes)
     assert driver_read < 1_000_000, driver_read  # the manifest (and Ray's own messages), no part
