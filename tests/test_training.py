@@ -147,6 +147,7 @@ def test_a_toy_task_streams_parquet_rows_and_resumes_exactly(tmp_path):
     assert [c["first_id"] for c in saved["curve"]] == [0, 8, 16, 24]
 
 
+@pytest.mark.slow  # the Ray trainer end to end: two Ray Train runs, about a minute
 def test_a_toy_task_on_ray_train_gets_disjoint_shares_of_the_rows_through_ray_data(ray_local, tmp_path):
     """2 Ray Train workers, 2 memory shards: each worker trains on its own Ray Data share of the
     Parquet rows, and an interrupted job resumes where its shares stopped: over both runs every
