@@ -179,12 +179,7 @@ def open_run(cfg: Any, args: argparse.Namespace, name: str) -> RunStore:
     """The run folder: --resume's, or a new `<storage>/<name>-<timestamp>`; writes config.json
     (with a resume's overrides) and prints where it is."""
     if args.resume:
-        store = RunStore(args.resume)
-        from distmem import checkpoints  # noqa: PLC0415
-
-        latest = checkpoints.latest(store)
-        if latest is not None:  # a damaged or unsafe checkpoint is refused before anything starts
-            checkpoints.load(store, latest)
+        store = RunStore(args.resume)  # its checkpoint is checked by the trainer (distributed.fit), once
     else:
         store = RunStore(f"{str(args.storage).rstrip('/')}/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     store.write_text("config.json", json.dumps(asdict(cfg), indent=1))

@@ -62,7 +62,7 @@ def test_every_checkpoint_loader_refuses_a_pickle_payload_without_running_it(tmp
     Image.new("L", (28, 28), 255).save(support / "x.png")
     for cmd in ([sys.executable, "-m", "jobs.omniglot_classify", str(run), "--support", str(tmp_path / "support"),
                  "--query", str(support / "x.png")],
-                [sys.executable, "-m", "jobs.omniglot", "--resume", str(run)]):  # resume: refused before Ray starts
+                [sys.executable, "-m", "jobs.omniglot", "--resume", str(run)]):  # resume: refused in the driver
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "error: checkpoint:" in out.stderr and "Traceback" not in out.stderr, \
             out.stderr[-2000:]

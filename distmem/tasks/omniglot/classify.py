@@ -31,8 +31,9 @@ from distmem.tasks.omniglot.evaluation import embed
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The model.pt of a run folder (its latest checkpoint), a checkpoint folder, or the file itself."""
     path = Path(path)
-    if path.is_dir() and checkpoints.latest(RunStore(path)) is not None:
-        path = Path(RunStore(path).path(checkpoints.latest(RunStore(path))))
+    latest = checkpoints.latest(RunStore(path)) if path.is_dir() else None
+    if latest is not None:
+        path = path / latest
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
