@@ -57,10 +57,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     memory = ShardedMemory.attach(loop_config["memory_name"], rank) if loop_config["memory_name"] else None
-    rows = None
-    if task.data() is not None:
-        shard, batch_rows = ray.train.get_dataset_shard(TRAIN_SPLIT), task.data().rows_per_step
-        rows = repeat_epochs(lambda: shard.iter_batches(batch_size=batch_rows, batch_format="numpy"))
+    rows, source = None, task.data()
+    if source is not None:
+        shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
+        rows = repeat_epochs(lambda: shard.iter_batches(batch_size=source.rows_per_step, batch_format="numpy"))
     run_worker(task, RunStore(loop_config["store"]), rank, world, memory, prepare=ray.train.torch.prepare_model,
                rows=rows, device=ray.train.torch.get_device())
 
