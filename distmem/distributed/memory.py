@@ -17,8 +17,11 @@ import contextlib
 import os
 import random
 import tempfile
+import threading
+import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from os import PathLike
 from pathlib import Path
@@ -115,6 +118,7 @@ class ShardActor:
         self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
                                  storage_dir=storage_dir, snapshot_every=snapshot_every)
         self._staged: dict[str, Tensor] | None = None  # a checked part of a load, until every shard has its own
+        self._last_plan: tuple[int, list[ShardWrite]] | None = None  # (step, every shard's part) last applied
 
     # hot path: numpy over the wire
     def search(self, queries: np.ndarray, labels: np.ndarray | None, k: int | None = None) -> dict[str, np.ndarray]:
@@ -126,8 +130,17 @@ class ShardActor:
     def oldest(self, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         return _wire(self.shard.oldest(step, count))
 
-    def apply(self, step: int, write: ShardWrite) -> bool:
-        return self.shard.apply(step, _unwire(write))
+    def apply(self, step: int, plan: list[ShardWrite], index: int) -> bool:
+        """Apply this shard's part `plan[index]` of update `step` (a retried call is skipped). The
+        whole plan is kept until the next step: if the coordinator dies while the shards apply
+        it, the shards still behind get their parts from here (`Coordinator.resync`)."""
+        applied = self.shard.apply(step, _unwire(plan[index]))
+        self._last_plan = (step, plan)
+        return applied
+
+    def plan_of(self, step: int) -> list[ShardWrite] | None:
+        """The whole plan of update `step` if this shard applied it (and has not restarted since)."""
+        return self._last_plan[1] if self._last_plan is not None and self._last_plan[0] == step else None
 
     def step(self) -> int:
         return self.shard.step
@@ -179,32 +192,67 @@ class ShardActor:
                 "node": ray.get_runtime_context().get_node_id(), "device": str(self.shard.device)}
 
 
-class Coordinator:
-    """Async Ray actor: the memory's name, its shards, and the step barrier of the writers."""
+class _Barrier:
+    """One step's rendezvous: the writers' requests by rank, and how it ended."""
 
-    def __init__(self, config: MemoryConfig, shards: list, ranges: list[tuple[int, int]], num_writers: int,
-                 write_timeout_s: float) -> None:
-        self.config, self.shards, self.ranges = config, shards, ranges
-        self.num_writers, self.write_timeout_s = num_writers, write_timeout_s
-        self.step: int | None = None  # taken from the shards on first use (also after a restart)
-        self.generation: int | None = None  # changed by every clear / load (see MemoryShard.set_generation)
+    def __init__(self) -> None:
         self.pending: dict[int, tuple[str, WriteRequest]] = {}  # rank -> (writer id, request)
-        self.superseded: set[str] = set()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
 
-    async def resync(self) -> int:
-        """Take the step and generation from the shards (after a restart, a load or a clear)."""
-        positions = set(await asyncio.gather(*[s.position.remote() for s in self.shards]))
-        if len(positions) != 1:
-            raise RuntimeError(f"shards disagree on (step, generation): {sorted(positions)}")
-        self.step, self.generation = positions.pop()
-        return self.step
+
+class Coordinator:
+    """Async Ray actor: the memory's name, its shards, and the step barrier of the writers.
+
+    It holds nothing that the shards do not: after a crash Ray restarts it, it takes the step from
+    the shards (finishing a step that some shards applied before the crash), and writers whose
+    call was lost ask where the memory stands and send their request again (`ShardedMemory.write`).
+    """
+
+    def __init__(self, config: MemoryConfig, shard_names: list[str], ranges: list[tuple[int, int]], num_writers: int,
+                 write_timeout_s: float, heartbeat_timeout_s: float) -> None:
+        # the shards by name, not by handle: a restart needs only these plain arguments (Ray keeps
+        # handles passed to a constructor in the object store, lost with the creating process)
+        self.shards = [ray.get_actor(shard, namespace=NAMESPACE) for shard in shard_names]
+        self.config, self.ranges = config, ranges
+        self.num_writers, self.write_timeout_s = num_writers, write_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step: int | None = None  # taken from the shards on first use (also after a restart)
+        self.generation: int | None = None  # changed by every clear / load (see MemoryShard.set_generation)
+        self.barrier = _Barrier()
+        self.superseded: set[str] = set()
+        self.last_seen: dict[int, float] = {}  # rank -> time of its writer's last heartbeat or write
+        self.lock = asyncio.Lock()  # one step's update, or one resync, at a time
+
+    def heartbeat(self, rank: int) -> None:
+        """A writer of `rank` is alive (its handle calls this every heartbeat_timeout_s / 4)."""
+        self.last_seen[rank] = time.monotonic()
+
+    async def resync(self) -> tuple[int, int]:
+        """Take (step, generation) from the shards (after a restart, a load or a clear). If this
+        actor died while the shards applied a step, the shards still behind apply their parts of
+        it from the plan that those ahead kept."""
+        async with self.lock:
+            positions = await asyncio.gather(*[s.position.remote() for s in self.shards])
+            steps, generations = sorted({p[0] for p in positions}), {p[1] for p in positions}
+            if len(generations) == 1 and len(steps) == 2 and steps[1] == steps[0] + 1:
+                ahead = [s for s, p in zip(self.shards, positions) if p[0] == steps[1]]
+                plans = [p for p in await asyncio.gather(*[s.plan_of.remote(steps[0]) for s in ahead]) if p]
+                if plans:
+                    await asyncio.gather(*[s.apply.remote(steps[0], plans[0], i) for i, (s, p)
+                                           in enumerate(zip(self.shards, positions)) if p[0] == steps[0]])
+                    positions = await asyncio.gather(*[s.position.remote() for s in self.shards])
+            if len(set(positions)) != 1:
+                raise RuntimeError(f"shards disagree on (step, generation): {sorted(set(positions))}; the shards "
+                                   "that applied the last step restarted since, so its plan is lost: load the last "
+                                   "checkpoint")
+            self.step, self.generation = positions[0]
+            return self.step, self.generation
 
     def info(self) -> dict[str, Any]:
         return {"config": self.config, "shards": self.shards, "ranges": self.ranges,
-                "num_writers": self.num_writers, "step": self.step,
-                "waiting": {rank: writer for rank, (writer, _) in sorted(self.pending.items())}}
+                "num_writers": self.num_writers, "step": self.step, "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                "waiting": {rank: writer for rank, (writer, _) in sorted(self.barrier.pending.items())}}
 
     async def write(self, step: int, rank: int, request: WriteRequest, writer: str = "", generation: int = 0) -> int:
         """Wait for every writer's request of `step`, then apply the step. Returns the new step.
@@ -212,6 +260,8 @@ class Coordinator:
         writer: the id of the writing process's handle. A request from a new handle for a rank
         that already wrote in this step replaces the old one (the old writer was restarted, e.g.
         by Ray Train after its node was lost); the old writer, if still waiting, gets an error.
+        A writer that stops (no heartbeat for heartbeat_timeout_s) before writing ends the step
+        for all: nothing of it is applied and the waiting writers get an error naming its rank.
         """
         if self.step is None:
             await self.resync()
@@ -220,44 +270,74 @@ class Coordinator:
         if step != self.step:
             raise ValueError(f"read is stale: it was made at step {step}, the memory is at step {self.step}; "
                              "read again")
-        if not 0 <= rank < self.num_writers or (rank in self.pending and self.pending[rank][0] == writer):
+        barrier = self.barrier
+        if not 0 <= rank < self.num_writers or barrier.pending.get(rank, ("",))[0] == writer:
             raise ValueError(f"rank: expected a writer rank in [0, {self.num_writers}) not yet written "
                              f"in step {step}, got {rank}")
-        if rank in self.pending:
-            self.superseded.add(self.pending[rank][0])
-        self.pending[rank] = (writer, request)
-        done = self.done
-        if len(self.pending) < self.num_writers:
-            try:
-                await asyncio.wait_for(done.wait(), self.write_timeout_s)
-            except asyncio.TimeoutError:
-                missing = sorted(set(range(self.num_writers)) - set(self.pending))
-                raise TimeoutError(f"step {step}: writers {missing} did not write within "
-                                   f"{self.write_timeout_s} s") from None
-            if self.error is not None:
-                raise self.error
+        self.last_seen[rank] = time.monotonic()
+        if rank in barrier.pending:
+            self.superseded.add(barrier.pending[rank][0])
+        barrier.pending[rank] = (writer, request)
+        if len(barrier.pending) < self.num_writers:
+            await self._wait(barrier, step)
             if writer in self.superseded:
                 raise RuntimeError(f"step {step}: this write of rank {rank} was replaced by a newer writer of "
                                    "the same rank and not applied")
             return step + 1
-        requests = [self.pending[r][1] for r in range(self.num_writers)]
-        self.pending, self.done = {}, asyncio.Event()
+        self.barrier = _Barrier()
         try:
+            await self._apply(step, [barrier.pending[r][1] for r in range(self.num_writers)])
+        except BaseException as err:  # every writer of this step hears of it
+            barrier.error = err
+            raise
+        finally:
+            barrier.done.set()
+        return self.step
+
+    async def _wait(self, barrier: _Barrier, step: int) -> None:
+        """Until `barrier` is done; ends it for every writer when a missing writer stopped or the
+        write timeout passed."""
+        start = time.monotonic()
+        while not barrier.done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(barrier.done.wait(), min(1.0, self.heartbeat_timeout_s / 4))
+            if barrier.done.is_set():
+                break
+            now, missing = time.monotonic(), sorted(set(range(self.num_writers)) - set(barrier.pending))
+            stopped = [r for r in missing if now - self.last_seen.get(r, now) > self.heartbeat_timeout_s]
+            if stopped:
+                self._end(barrier, RuntimeError(
+                    f"step {step}: the writer of rank {', '.join(map(str, stopped))} stopped (no heartbeat for "
+                    f"{self.heartbeat_timeout_s:g} s) before writing; nothing of this step was applied. Restart "
+                    "that writer (Ray Train restarts its worker group) and write the step again"))
+            elif now - start > self.write_timeout_s:
+                self._end(barrier, TimeoutError(f"step {step}: writers {missing} did not write within "
+                                                f"{self.write_timeout_s:g} s; nothing of this step was applied"))
+        if barrier.error is not None:
+            raise barrier.error
+
+    def _end(self, barrier: _Barrier, error: BaseException) -> None:
+        """End a step that cannot complete: its requests are dropped, its waiting writers get `error`."""
+        if self.barrier is barrier:
+            self.barrier = _Barrier()
+        barrier.error = error
+        barrier.done.set()
+
+    async def _apply(self, step: int, requests: list[WriteRequest]) -> None:
+        """Plan step `step` from every writer's request and have every shard apply its part. Each
+        shard gets (a reference to) the whole plan and keeps it, so a crash of this actor between
+        the shards' applies never leaves the step half-applied: `resync` finishes it."""
+        async with self.lock:
             total = sum(len(r.labels) for r in requests)
             if total > self.config.size:
                 raise ValueError(f"the writers' batches hold {total} examples but the memory has "
                                  f"{self.config.size} slots")
             offers = _unwire(await asyncio.gather(*[s.oldest.remote(step, total) for s in self.shards]))
             oldest = merge.merge_oldest(offers, total)
-            writes = merge.plan_step(step, [_unwire(r) for r in requests], oldest, self.ranges)
-            await asyncio.gather(*[s.apply.remote(step, _wire(w)) for s, w in zip(self.shards, writes)])
-            self.step, self.error = step + 1, None
-        except BaseException as err:  # every writer of this step hears of it
-            self.error = err
-            raise
-        finally:
-            done.set()
-        return self.step
+            plan = ray.put([_wire(w) for w in merge.plan_step(step, [_unwire(r) for r in requests], oldest,
+                                                              self.ranges)])
+            await asyncio.gather(*[s.apply.remote(step, plan, i) for i, s in enumerate(self.shards)])
+            self.step = step + 1
 
 
 def _nbytes(obj: Any) -> int:
@@ -273,6 +353,15 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
+def _heartbeats(coordinator: Any, rank: int, every_s: float, stop: threading.Event) -> None:
+    """A writer's heartbeat thread. It holds no reference to the handle, so dropping the handle stops it."""
+    while ray.is_initialized():
+        with contextlib.suppress(Exception):  # the coordinator restarts: it hears from us at the next beat
+            ray.get(coordinator.heartbeat.remote(rank), timeout=2 * every_s)
+        if stop.wait(every_s):
+            return
+
+
 class ShardedMemory(MemoryBase):
     """The same interface and semantics as `LocalMemory`, with the slots on `num_shards` Ray actors.
 
@@ -283,11 +372,15 @@ class ShardedMemory(MemoryBase):
     fresh one). num_writers: writers per step. storage: folder for the shards' snapshots and write
     logs (default: a new temporary folder; on a multi-node cluster use one every node reaches).
     address: a Ray cluster to join; None starts (or reuses) a local Ray on 127.0.0.1.
+    write_timeout_s: how long writers wait for the others at a step. heartbeat_timeout_s: a writer
+    that has read or written and then sends no heartbeat for this long (its process died) ends the
+    step it did not write: the waiting writers get an error naming its rank.
     """
 
     def __init__(self, config: MemoryConfig, num_shards: int, backend: str = "torch", *, name: str | None = None,
                  num_writers: int = 1, storage: str | PathLike | None = None, snapshot_every: int = 100,
-                 address: str | None = None, write_timeout_s: float = 600.0, detached: bool = False) -> None:
+                 address: str | None = None, write_timeout_s: float = 600.0, heartbeat_timeout_s: float = 10.0,
+                 detached: bool = False) -> None:
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
         if isinstance(num_shards, bool) or not isinstance(num_shards, int) or not 1 <= num_shards <= config.size:
@@ -296,6 +389,9 @@ class ShardedMemory(MemoryBase):
             raise ValueError(f"num_writers must be an int >= 1, got {num_writers!r}")
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be one of ('torch', 'faiss'), got {backend!r}")
+        for arg, value in (("write_timeout_s", write_timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")
         connect(address)
         name = name or f"memory-{os.getpid()}-{id(self):x}"
         try:
@@ -319,8 +415,9 @@ class ShardedMemory(MemoryBase):
         # submitted job's driver runs on the head), so losing a worker node costs only shards.
         self._placement_group = spread_shards(config, ranges, use_gpu, detached)
         actor = ray.remote(ShardActor)
+        shard_names = [f"{name}.shard-{i}" for i in range(num_shards)]
         shards = [actor.options(num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
-                                namespace=NAMESPACE, **lifetime,
+                                name=shard_names[i], namespace=NAMESPACE, **lifetime,
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                                     self._placement_group, placement_group_bundle_index=i))
                   .remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
@@ -330,9 +427,10 @@ class ShardedMemory(MemoryBase):
         coordinator = ray.remote(Coordinator).options(
             name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=1000, **lifetime,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        ).remote(config, shards, ranges, num_writers, write_timeout_s)
+        ).remote(config, shard_names, ranges, num_writers, write_timeout_s, heartbeat_timeout_s)
         ray.get(coordinator.resync.remote())
         self._connect(name, coordinator, rank=0)
+        self._owned = shards  # the creator's handles keep the (non-detached) shards alive
         self.storage = root
 
     @classmethod
@@ -360,6 +458,18 @@ class ShardedMemory(MemoryBase):
         self.ranges: list[tuple[int, int]] = info["ranges"]
         self.num_writers: int = info["num_writers"]
         self.traffic: dict[str, int] = {"read_bytes": 0, "write_bytes": 0}  # tensor bytes of the last read / write
+        self._heartbeat_s: float = info["heartbeat_timeout_s"] / 4
+        self._heartbeat: threading.Event | None = None  # set: stop beating
+
+    def _beat(self) -> None:
+        """From the first read or write on, tell the coordinator every heartbeat_timeout_s / 4 that
+        this writer is alive (until the handle is dropped or shut down)."""
+        if self._heartbeat is not None:
+            return
+        self._heartbeat = stop = threading.Event()
+        weakref.finalize(self, stop.set)
+        threading.Thread(target=_heartbeats, args=(self._coordinator, self.rank, self._heartbeat_s, stop),
+                         name=f"distmem-heartbeat-{self.name}-{self.rank}", daemon=True).start()
 
     # -- read / write ----------------------------------------------------------------------------
     def read(self, q: Tensor, labels: Tensor | None = None, k: int | None = None) -> MemoryRead:
@@ -378,6 +488,7 @@ class ShardedMemory(MemoryBase):
             self.traffic["read_bytes"] += len(self.shards) * _nbytes([ids, weights]) + _nbytes(parts)
             return torch.stack(parts).sum(0)
 
+        self._beat()
         result = merge.read(self.config, q, labels, search, weighted_keys, version=None, k=k)
         positions = {(int(r["step"]), int(r["generation"])) for r in replies}
         if len(positions) != 1:  # a management call (load, clear) ran during the read
@@ -394,7 +505,33 @@ class ShardedMemory(MemoryBase):
         _, generation, step = read.version
         # to the coordinator, then about as much again on to the shards
         self.traffic["write_bytes"] = 2 * _nbytes(request)
-        ray.get(self._coordinator.write.remote(step, self.rank, _wire(request), self._writer, generation))
+        self._beat()
+        request = _wire(request)
+        while True:
+            try:
+                ray.get(self._coordinator.write.remote(step, self.rank, request, self._writer, generation))
+                return
+            except ray.exceptions.RayTaskError as err:  # the coordinator's own message, without Ray's wrapping
+                raise err.cause from None
+            except ray.exceptions.RayActorError:  # the coordinator died with the request: was the step applied?
+                position = self.position()
+            if position == (step + 1, generation):
+                return  # before the coordinator died (a step applies only once every rank's request is in)
+            if position != (step, generation):
+                raise RuntimeError(f"the coordinator restarted and the memory is at (step, generation) {position}, "
+                                   f"not {(step, generation)} or the step after; read again")
+
+    def position(self, timeout_s: float = 120.0) -> tuple[int, int]:
+        """(step, generation) of the memory, from the coordinator (waiting up to `timeout_s` while
+        it restarts; it first finishes a step that some shards applied before it died)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return tuple(ray.get(self._coordinator.resync.remote()))
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -474,6 +611,8 @@ class ShardedMemory(MemoryBase):
 
     def shutdown(self) -> None:
         """Kill the shard and coordinator actors and free their placement (the storage folder stays)."""
+        if self._heartbeat is not None:
+            self._heartbeat.set()
         for actor in [*self.shards, self._coordinator]:
             ray.kill(actor, no_restart=True)
         if self._placement_group is not None:
