@@ -161,21 +161,27 @@ def run_soak(cfg: SoakConfig, progress: Callable[[int], None] | None = None) -> 
                 reads = [w.read.remote(step) for w in writers]
                 soon(kill, "during-read")
                 ray.get(reads)
+                dead = None
                 if kill is not None and kill.moment == "after-read":
                     inject(kill)
-                writes = [w.write.remote() for w in writers]
+                    dead = kill.target  # sent nothing more: ray.kill is asynchronous
+                writes = [None if rank == dead else w.write.remote() for rank, w in enumerate(writers)]
                 soon(kill, "during-write")
                 failed = []
                 for rank, ref in enumerate(writes):
                     try:
-                        ray.get(ref)
-                    except ray.exceptions.RayActorError:  # this writer was killed: a new one takes its rank
-                        failed.append(rank)
-                        writers[rank] = actor.remote(cfg, memory.name, rank)
+                        if ref is not None:
+                            ray.get(ref)
+                            continue
+                    except ray.exceptions.RayActorError:  # this writer was killed
+                        pass
                     except RuntimeError as err:  # a writer died before writing: the step was ended for all
                         if "stopped" not in str(err):
                             raise
                         failed.append(rank)
+                        continue
+                    failed.append(rank)
+                    writers[rank] = actor.remote(cfg, memory.name, rank)  # a new writer takes the rank
                 kill = None
                 if not failed or memory.position()[0] == step + 1:
                     break  # (a killed writer's request was in: the step applied all the same)
