@@ -13,6 +13,7 @@ shards and a manifest (spec: shared/docs/translation-task.md, "Data pipeline").
   ratio is above `max_ratio`. Every kind of drop is counted in the manifest.
 - Output: `shard-NNNNN.parquet` files of at most `shard_pairs` pairs (src, tgt: list<int32>
   token ids without bos/eos; src_len, tgt_len: int32; corpus: int16; line: int64, 1-based),
+  shuffled (seeded) within each chunk of 20,000 pairs, so consecutive rows make random batches;
   `spm.model`, and `manifest.json`. Written to a temporary folder renamed when complete, so a
   failed run leaves nothing; a folder prepared from the same inputs and settings is reused.
 """
@@ -262,7 +263,9 @@ def _encode_and_write(corpora: list[tuple[str, str]], settings: PrepareSettings,
                 for name, value in zip(SCHEMA.names, (s, t, len(s), len(t), corpus, line)):
                     rows[name].append(value)
         counts["kept"] += len(rows["line"])
-        flush(rows)
+        order = np.random.default_rng([settings.seed, counts["chunks"]]).permutation(len(rows["line"]))
+        counts["chunks"] += 1  # (not reported) the seed of the next chunk's shuffle
+        flush({name: [values[i] for i in order] for name, values in rows.items()})
         if progress is not None:
             progress(len(batch))
 

@@ -1,0 +1,147 @@
+"""Training and translating with the GNMT-style `Seq2Seq` on prepared translation data.
+
+Training step (the paper's Figure 2): the attention result of every target position queries the
+memory with the gold next piece as the label (teacher forcing); the loss is the label-smoothed
+cross-entropy plus the memory loss; after the optimizer step the batch is written into the
+life-long memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distmem.memory import Memory
+from distmem.models.seq2seq import Seq2Seq
+from distmem.tasks.translation.prepare import BOS, EOS, PAD
+
+
+@dataclass
+class TranslationBatch:
+    """src [B, S] (pieces, EOS); tgt_in [B, T + 1] (BOS, pieces); tgt_out [B, T + 1] (pieces, EOS); 0 pads."""
+
+    src: Tensor
+    tgt_in: Tensor
+    tgt_out: Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int((self.src != PAD).sum() + (self.tgt_out != PAD).sum())
+
+
+def pad(rows: Sequence[Sequence[int]], before: Sequence[int] = (), after: Sequence[int] = ()) -> Tensor:
+    """Token rows -> [len(rows), longest] int64, padded with PAD."""
+    rows = [[*before, *row, *after] for row in rows]
+    out = torch.full((len(rows), max(1, max(map(len, rows), default=1))), PAD, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.int64)
+    return out
+
+
+def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> TranslationBatch:
+    """Teacher-forcing tensors of aligned source and target piece ids."""
+    out = pad(tgt, after=[EOS])
+    return TranslationBatch(pad(src, after=[EOS]), pad(tgt, before=[BOS])[:, : out.shape[1]], out)
+
+
+def pair_batches(rows: Iterator[dict[str, np.ndarray]], pairs: int) -> Iterator[TranslationBatch]:
+    """Consecutive `pairs` rows of a worker's Parquet stream ({"src", "tgt"}) per batch, so that a
+    resumed worker, whose stream skips start * pairs rows, continues with the batch it would have
+    had (the pairs were shuffled when prepared, so consecutive rows are a random batch)."""
+    src: list = []
+    tgt: list = []
+    for chunk in rows:
+        src.extend(chunk["src"])
+        tgt.extend(chunk["tgt"])
+        while len(src) >= pairs:
+            yield make_batch(src[:pairs], tgt[:pairs])
+            src, tgt = src[pairs:], tgt[pairs:]
+
+
+def train_step(model: Seq2Seq, memory: Memory | None, batch: TranslationBatch, optimizer: torch.optim.Optimizer,
+               lr: float, label_smoothing: float, clip_norm: float) -> dict[str, float]:
+    """One update; writes the batch into `memory` (None: the model without memory)."""
+    model.train()
+    device = next(model.parameters()).device
+    src, tgt_in, tgt_out = batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device)
+    out = model(src, tgt_in, tgt_out, memory)
+    ce = F.cross_entropy(out.logits[out.mask], tgt_out[out.mask], label_smoothing=label_smoothing)
+    loss = ce + out.read.loss if out.read is not None and out.read.loss is not None else ce
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    if out.read is not None:
+        memory.write(out.read)
+    pred = out.logits.argmax(-1)
+    return {"ce": float(out.ce.detach()), "loss": float(loss.detach()), "lr": lr,
+            "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
+            "accuracy": float((pred == tgt_out)[out.mask].float().mean()), "tokens": float(batch.tokens)}
+
+
+class Translator:
+    """Text in, text out with a trained model, its sentencepiece model and (optionally) a memory.
+
+    translate(lines) -> lines; remember(src_lines, tgt_lines): pass the pairs teacher-forced,
+    reading and writing the memory at every target position (no gradient, no parameter change).
+    """
+
+    def __init__(self, model: Seq2Seq, spm_model: str, memory: Memory | None = None, beam: int = 4,
+                 length_penalty: float = 0.6, batch_pairs: int = 64, max_len_ratio: float = 1.5) -> None:
+        import sentencepiece as spm  # noqa: PLC0415
+
+        self.model, self.memory = model.eval(), memory
+        self.sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+        self.beam, self.length_penalty, self.batch_pairs, self.max_len_ratio = beam, length_penalty, batch_pairs, \
+            max_len_ratio
+
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode([line.strip() for line in lines])
+
+    def decode(self, tokens: Tensor) -> list[str]:
+        """Hypotheses [B, T] (pieces, EOS, padding) -> text."""
+        out = []
+        for row in tokens.tolist():
+            row = row[: row.index(EOS)] if EOS in row else row
+            out.append(self.sp.decode([t for t in row if t > EOS]))
+        return out
+
+    @torch.no_grad()
+    def translate(self, lines: Sequence[str], greedy: bool = False) -> list[str]:
+        """One translation per line (beam search; greedy=True: greedy decoding), in order."""
+        ids = self.encode(lines)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch
+        out: list[str] = [""] * len(ids)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(order), self.batch_pairs):
+            rows = order[start:start + self.batch_pairs]
+            src = pad([ids[i] for i in rows], after=[EOS]).to(device)
+            max_len = int(self.max_len_ratio * src.shape[1]) + 10
+            if greedy or self.beam == 1:
+                hyp = self.model.greedy(src, self.memory, max_len=max_len)
+            else:
+                hyp = self.model.beam_search(src, self.memory, beam=self.beam, max_len=max_len,
+                                             length_penalty=self.length_penalty)
+            for i, text in zip(rows, self.decode(hyp)):
+                out[i] = text
+        return out
+
+    @torch.no_grad()
+    def remember(self, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> None:
+        """Write the pairs into the memory, teacher-forced (the context protocol's step (b))."""
+        if self.memory is None:
+            raise ValueError("remember: this translator has no memory")
+        if len(src_lines) != len(tgt_lines):
+            raise ValueError(f"tgt_lines: expected one per source line ({len(src_lines)}), got {len(tgt_lines)}")
+        src_ids, tgt_ids = self.encode(src_lines), self.encode(tgt_lines)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(src_ids), self.batch_pairs):
+            batch = make_batch(src_ids[start:start + self.batch_pairs], tgt_ids[start:start + self.batch_pairs])
+            out = self.model(batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device), self.memory)
+            self.memory.write(out.read)
