@@ -118,7 +118,10 @@ def from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
 def build_parser(cls: type, presets: dict[str, dict], description: str | None) -> argparse.ArgumentParser:
     """The parser: --preset, the run-folder options, and one flag per config field."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(presets), default="default", help="named settings to start from")
+    preset_field = cls.__dataclass_fields__.get("preset")  # the config's own default preset, else "default"
+    default_name = preset_field.default if preset_field is not None and preset_field.default in presets else "default"
+    p.add_argument("--preset", choices=sorted(presets), default=default_name,
+                   help=f"named settings to start from (default: {default_name})")
     p.add_argument("--storage", "--runs", dest="storage", default="runs",
                    help="where run folders go: a local folder (default ./runs) or a URI (s3://bucket/prefix, "
                         "gs://..., file:///...) so results outlive the cluster")
@@ -129,7 +132,7 @@ def build_parser(cls: type, presets: dict[str, dict], description: str | None) -
                                                           "shards' snapshots and write logs")
     p.add_argument("--max-failures", type=int, default=3, help="trainer-group restarts after a lost worker")
     hints = typing.get_type_hints(cls)
-    default_preset = presets.get("default", {})
+    default_preset = presets.get(default_name, {})
     for f in fields(cls):
         if f.name == "preset":
             continue
