@@ -36,7 +36,7 @@ def sharded_cls(ray_local):
     return ShardedMemory
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 4])
+@pytest.mark.parametrize("num_shards", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # 4: 9 s, slow tier
 def test_equals_local_memory(sharded_cls, num_shards):
     cfg = MemoryConfig(size=120, key_dim=8, k=9, age_noise=8.0, seed=5)  # the counter-based noise is shard-exact
     stream = batches(10, 1)
@@ -66,7 +66,7 @@ def test_equals_local_memory(sharded_cls, num_shards):
         mem.shutdown()
 
 
-@pytest.mark.parametrize("writers", [2, 3])
+@pytest.mark.parametrize("writers", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: 8 s, slow tier
 def test_data_parallel_writers_equal_one_writer_with_concatenated_batches(sharded_cls, ray_local, writers):
     ray = ray_local
     stream = batches(6, writers, seed=writers)
