@@ -115,6 +115,7 @@ def run(cfg: TranslationRunConfig, args) -> dict:
     print(f"preparing {cfg.train_corpora()} -> {cfg.prepared}/{cfg.prepared_name()}", flush=True)
     prepared = prepare(cfg.train_corpora(), Path(cfg.prepared) / cfg.prepared_name(), cfg.prepare_settings())
     print(f"prepared data: {prepared.root} ({'reused' if prepared.reused else 'new'}; {prepared.counts})", flush=True)
+    store.upload(prepared.spm_model, "spm.model")  # the run's tokeniser travels with its checkpoints
 
     from distmem.distributed import connect, fit  # imports Ray
     connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it

@@ -131,3 +131,65 @@ def test_quick_preset_end_to_end(tmp_path):
     assert (run / "bleu.png").stat().st_size > 0 and "BLEU (beam)" in out.stdout
     with gzip.open(DATA / "multi30k" / "test_2016_flickr.de.gz", "rt") as f:
         assert sum(1 for _ in f) == result["sentences"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_data, tmp_path_factory):
+    """A run folder as jobs.translate leaves it: memory/ and baseline/ trained 4 steps, spm.model."""
+    import shutil
+
+    from distmem.runs import RunStore
+    from distmem.training import fit_local
+    prepared, cfg = small_data
+    run = tmp_path_factory.mktemp("run")
+    for variant, use_memory in (("memory", True), ("baseline", False)):
+        fit_local(TranslationTask(cfg, prepared, use_memory), RunStore(run / variant))
+    shutil.copy(prepared.spm_model, run / "spm.model")
+    return run
+
+
+def test_a_translator_from_a_run_folder_translates_with_its_memory(trained_run):
+    lines = ["A dog runs on the grass.", "Two children play."]
+    with_memory = Translator.from_checkpoint(trained_run, beam=2)
+    assert with_memory.memory is not None and with_memory.memory.step_count == 4
+    assert len(with_memory.translate(lines)) == 2
+    assert Translator.from_checkpoint(trained_run, "baseline").memory is None
+    with pytest.raises(ValueError, match="variant"):
+        Translator.from_checkpoint(trained_run, "other")
+    with pytest.raises(FileNotFoundError, match="not a translation run folder"):
+        Translator.from_checkpoint(trained_run / "memory")
+
+
+def test_translate_file_writes_one_line_per_input_line_and_scores_a_reference(trained_run, tmp_path):
+    src = [line.strip() for line in gzip.open(DATA / "multi30k" / "val.en.gz", "rt")][:6]
+    ref = [line.strip() for line in gzip.open(DATA / "multi30k" / "val.de.gz", "rt")][:6]
+    (tmp_path / "in.en").write_text("\n".join(src) + "\n")
+    (tmp_path / "ref.de").write_text("\n".join(ref) + "\n")
+    out = subprocess.run([sys.executable, "-m", "jobs.translate_file", str(trained_run), "--input",
+                          str(tmp_path / "in.en"), "--output", str(tmp_path / "out.de"), "--beam", "2", "--context",
+                          str(tmp_path / "in.en"), str(tmp_path / "ref.de"), "--reference", str(tmp_path / "ref.de")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len((tmp_path / "out.de").read_text().split("\n")) == len(src) + 1  # one line each, newline-terminated
+    assert "BLEU = " in out.stdout and "nrefs:1|case:mixed" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jobs.translate_file", str(trained_run), "--input",
+                          str(tmp_path / "in.en"), "--reference", str(tmp_path / "nope.de")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope.de: no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_run_whose_checkpoint_carries_a_pickle_payload_is_refused_without_running_it(trained_run, tmp_path):
+    import pickle
+    import shutil
+
+    from test_untrusted import Payload
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    marker = tmp_path / "payload-ran"
+    latest = json.loads((run / "memory" / "checkpoints" / "latest.json").read_text())["name"]
+    with open(run / "memory" / "checkpoints" / latest / "model.pt", "wb") as f:
+        pickle.dump({"model": Payload(str(marker)), "step": 4}, f)
+    out = subprocess.run([sys.executable, "-m", "jobs.translate_file", str(run), "--input",
+                          str(DATA / "multi30k" / "val.en.gz")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "error: checkpoint:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not marker.exists()

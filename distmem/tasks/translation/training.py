@@ -7,8 +7,11 @@ life-long memory."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,6 +103,37 @@ class Translator:
         self.sp = spm.SentencePieceProcessor(model_file=str(spm_model))
         self.beam, self.length_penalty, self.batch_pairs, self.max_len_ratio = beam, length_penalty, batch_pairs, \
             max_len_ratio
+
+    @classmethod
+    def from_checkpoint(cls, run: str | os.PathLike, variant: str = "memory", beam: int = 4,
+                        length_penalty: float = 0.6) -> Translator:
+        """The translator of a `jobs.translate` run folder (path or URI): the latest checkpoint of
+        `variant` ("memory" or "baseline"), its memory as training left it, the run's spm.model.
+        A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
+        from distmem import checkpoints  # noqa: PLC0415
+        from distmem.cli import from_dict  # noqa: PLC0415
+        from distmem.memory import LocalMemory  # noqa: PLC0415
+        from distmem.runs import RunStore  # noqa: PLC0415
+        from distmem.tasks.translation.config import TranslationRunConfig  # noqa: PLC0415
+
+        if variant not in ("memory", "baseline"):
+            raise ValueError(f"variant: expected 'memory' or 'baseline', got {variant!r}")
+        store = RunStore(str(run))
+        sub = RunStore(store.location(variant))
+        latest = checkpoints.latest(sub)
+        if latest is None or not store.exists("spm.model"):
+            raise FileNotFoundError(f"{run}: not a translation run folder with a {variant} checkpoint and spm.model")
+        payload = checkpoints.load(sub, latest)
+        cfg = from_dict(TranslationRunConfig, payload["config"])
+        model = Seq2Seq(cfg.model_config(use_memory=variant == "memory"))
+        model.load_state_dict(payload["model"])
+        memory = None
+        if variant == "memory":
+            memory = LocalMemory(cfg.memory_config(), backend=cfg.backend)
+            checkpoints.restore_memory(memory, sub, latest)
+        tmp = tempfile.mkdtemp(prefix="distmem-spm-")
+        spm_model = store.download("spm.model", Path(tmp) / "spm.model")
+        return cls(model, str(spm_model), memory, beam=beam, length_penalty=length_penalty)
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         return self.sp.encode([line.strip() for line in lines])
