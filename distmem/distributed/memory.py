@@ -265,6 +265,8 @@ class Coordinator:
         """
         if self.step is None:
             await self.resync()
+        async with self.lock:  # a step being applied (or a resync) first settles self.step
+            pass
         if generation != self.generation:
             raise ValueError("read is stale: the memory was cleared or loaded since it was made; read again")
         if step != self.step:
