@@ -64,6 +64,11 @@ class Memory(Protocol):
         """Load a memory file or checkpoint folder of a memory of the same size."""
 
 
+def states_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Whether two memory states (as `state()` returns them) hold exactly the same tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 class MemoryBase:
     """`query` and `step` in terms of `read` and `write`, shared by `LocalMemory` and its sharded twin."""
 

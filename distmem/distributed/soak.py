@@ -24,7 +24,7 @@ from torch import Tensor
 
 from distmem.config import MemoryConfig
 from distmem.distributed.memory import ShardedMemory
-from distmem.memory import LocalMemory
+from distmem.memory import LocalMemory, states_equal
 
 KINDS = ("shard", "writer", "coordinator")
 MOMENTS = {"shard": ("during-read", "during-write"), "writer": ("after-read", "during-write"),
@@ -167,23 +167,12 @@ def run_soak(cfg: SoakConfig, progress: Callable[[int], None] | None = None) -> 
                     dead = kill.target  # sent nothing more: ray.kill is asynchronous
                 writes = [None if rank == dead else w.write.remote() for rank, w in enumerate(writers)]
                 soon(kill, "during-write")
-                failed = []
-                for rank, ref in enumerate(writes):
-                    try:
-                        if ref is not None:
-                            ray.get(ref)
-                            continue
-                    except ray.exceptions.RayActorError:  # this writer was killed
-                        pass
-                    except RuntimeError as err:  # a writer died before writing: the step was ended for all
-                        if "stopped" not in str(err):
-                            raise
-                        failed.append(rank)
-                        continue
-                    failed.append(rank)
-                    writers[rank] = actor.remote(cfg, memory.name, rank)  # a new writer takes the rank
+                outcomes = [_outcome(ref) for ref in writes]
+                for rank, outcome in enumerate(outcomes):
+                    if outcome == "killed":  # a new writer takes the rank
+                        writers[rank] = actor.remote(cfg, memory.name, rank)
                 kill = None
-                if not failed or memory.position()[0] == step + 1:
+                if all(o == "ok" for o in outcomes) or memory.position()[0] == step + 1:
                     break  # (a killed writer's request was in: the step applied all the same)
                 redone += 1
             if step in kills:
@@ -192,7 +181,7 @@ def run_soak(cfg: SoakConfig, progress: Callable[[int], None] | None = None) -> 
             reference.step(torch.cat(queries), torch.cat(labels))
             if (step + 1) % cfg.check_every == 0 or step + 1 == cfg.steps:
                 checks += 1
-                if not _state_equal(memory.state(), reference.state()):
+                if not states_equal(memory.state(), reference.state()):
                     mismatch = step
                     break
             if progress is not None:
@@ -206,5 +195,17 @@ def run_soak(cfg: SoakConfig, progress: Callable[[int], None] | None = None) -> 
                       checks=checks, equal=mismatch is None, mismatch=mismatch)
 
 
-def _state_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+def _outcome(write: ray.ObjectRef | None) -> str:
+    """How a writer's write call ended: "ok"; "killed" (its process died, or it was killed before
+    the call: None); "ended" (another writer died before writing, so the step was ended for all)."""
+    if write is None:
+        return "killed"
+    try:
+        ray.get(write)
+    except ray.exceptions.RayActorError:
+        return "killed"
+    except RuntimeError as err:
+        if "stopped" not in str(err):
+            raise
+        return "ended"
+    return "ok"
