@@ -93,24 +93,18 @@ def trainer_rate(files: list[str], vocab: int, batch_pairs: int, model: str, ste
 
     from distmem.models.seq2seq import MODEL_PRESETS, Seq2Seq, Seq2SeqConfig
     from distmem.tasks.translation.prepare import BOS, EOS, PAD
+    from distmem.tasks.translation.training import make_batch
     table = pq.read_table(files[0], columns=["src", "tgt"]).slice(0, batch_pairs * (steps + 2))
     net = Seq2Seq(Seq2SeqConfig(src_vocab=vocab, tgt_vocab=vocab, bos=BOS, eos=EOS, pad=PAD, use_memory=False,
                                 **MODEL_PRESETS[model]))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
-    def pad(rows: list[list[int]], before: list[int], after: list[int]) -> torch.Tensor:
-        rows = [before + r + after for r in rows]
-        out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r)
-        return out
-
     times, tokens = [], []
     for step in range(steps + 2):
         part = table.slice(step * batch_pairs, batch_pairs).to_pydict()
-        src, tgt = pad(part["src"], [], [EOS]), pad(part["tgt"], [BOS], [EOS])
+        batch = make_batch(part["src"], part["tgt"])
         start = time.perf_counter()
-        out = net(src, tgt[:, :-1], tgt[:, 1:])
+        out = net(batch.src, batch.tgt_in, batch.tgt_out)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

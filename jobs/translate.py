@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distmem import LocalMemory, checkpoints
+from distmem import LocalMemory
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.seq2seq import Seq2Seq
 from distmem.runs import RunStore
@@ -30,7 +30,7 @@ from distmem.tasks.translation.config import PRESETS, TranslationRunConfig
 from distmem.tasks.translation.evaluation import bleu, context_split, recall, recall_words, word_counts
 from distmem.tasks.translation.prepare import read_lines
 from distmem.tasks.translation.task import TranslationTask
-from distmem.tasks.translation.training import Translator
+from distmem.tasks.translation.training import Translator, load_run
 
 VARIANTS = {"memory": True, "baseline": False}  # sub-folder -> use_memory
 
@@ -134,13 +134,9 @@ def run(cfg: TranslationRunConfig, args) -> dict:
         follow(sub, cfg.steps, f"training {'with' if use_memory else 'without'} memory",
                lambda sub=sub, use_memory=use_memory: train(sub, use_memory),
                postfix=lambda s: {"ce": f"{s['ce']:.2f}", "acc": f"{s['accuracy']:.3f}"})
-        latest = checkpoints.latest(sub)
-        trained[variant] = checkpoints.load(sub, latest)
-        models[variant] = Seq2Seq(cfg.model_config(use_memory))
-        models[variant].load_state_dict(trained[variant]["model"])
-        if use_memory:
-            memories[variant] = LocalMemory(cfg.memory_config(), backend=cfg.backend)
-            checkpoints.restore_memory(memories[variant], sub, latest)
+        models[variant], memory, trained[variant] = load_run(store.uri, variant)
+        if memory is not None:
+            memories[variant] = memory
     train_seconds = time.time() - started
 
     train_counts = training_word_counts(prepared)

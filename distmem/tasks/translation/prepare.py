@@ -170,13 +170,13 @@ def read_pairs(src: str, tgt: str, digests: tuple[Any, Any] | None = None) -> It
 
 # -- preparing -----------------------------------------------------------------------------------
 def _read_inputs(corpora: list[tuple[str, str]], settings: PrepareSettings,
-                 text: Path) -> tuple[str, list[dict[str, Any]], int]:
-    """One pass over the corpora: their sha256 and line counts, and every non-empty sentence of
-    both sides written to `text` (the tokeniser's input; sentencepiece samples it). Returns the
-    data set's cache key (inputs' sha256 and settings), the inputs' descriptions and the number
-    of sentences written."""
+                 text: Path | None) -> tuple[str, list[dict[str, Any]], int]:
+    """One pass over the corpora: their sha256 and line counts, and (unless `text` is None) every
+    non-empty sentence of both sides written to `text` (the tokeniser's input; sentencepiece
+    samples it). Returns the data set's cache key (inputs' sha256 and settings), the inputs'
+    descriptions and the number of sentences written."""
     inputs, sentences = [], 0
-    with open(text, "w", encoding="utf-8") as out:
+    with open(text if text is not None else os.devnull, "w", encoding="utf-8") as out:
         for src, tgt in corpora:
             digests = (hashlib.sha256(), hashlib.sha256())
             lines = 0
@@ -200,8 +200,13 @@ def _train_tokeniser(text: Path, sentences: int, settings: PrepareSettings, fold
 
     if sentences == 0:
         raise DataError("the corpora hold no non-empty sentence: nothing to prepare")
+    spm.set_random_generator_seed(settings.seed)  # its sampling of input_sentence_size sentences
     try:
-        _spm_train(spm, text, folder, settings, threads)
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(folder / "spm"), vocab_size=settings.vocab,
+            model_type=settings.model_type, character_coverage=settings.character_coverage,
+            input_sentence_size=settings.sample_sentences, shuffle_input_sentence=True,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, num_threads=threads, minloglevel=2)
     except RuntimeError as err:
         if "Vocabulary size" in str(err):
             reason = str(err)[str(err).find("Vocabulary size"):].strip().splitlines()[0]
@@ -209,15 +214,6 @@ def _train_tokeniser(text: Path, sentences: int, settings: PrepareSettings, fold
             raise DataError(f"vocab: {settings.vocab} pieces is {fits} (sentencepiece: {reason})") from None
         raise
     (folder / "spm.vocab").unlink(missing_ok=True)
-
-
-def _spm_train(spm: Any, text: Path, folder: Path, settings: PrepareSettings, threads: int) -> None:
-    spm.set_random_generator_seed(settings.seed)  # its sampling of input_sentence_size sentences
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "spm"), vocab_size=settings.vocab,
-        model_type=settings.model_type, character_coverage=settings.character_coverage,
-        input_sentence_size=settings.sample_sentences, shuffle_input_sentence=True,
-        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, num_threads=threads, minloglevel=2)
 
 
 def _encode_and_write(corpora: list[tuple[str, str]], settings: PrepareSettings, folder: Path, threads: int,
@@ -249,7 +245,23 @@ def _encode_and_write(corpora: list[tuple[str, str]], settings: PrepareSettings,
                 writer.close()
                 writer = None
 
-    def process(batch: list[tuple[int, int, str, str]]) -> None:
+    def chunks() -> Iterator[list[tuple[int, int, str, str]]]:
+        """(corpus, line, source, target) of the non-empty pairs, `chunk` at a time."""
+        batch = []
+        for corpus, (src, tgt) in enumerate(corpora):
+            for line, s, t in read_pairs(src, tgt):
+                counts["read"] += 1
+                if not s or not t:
+                    counts["dropped_empty"] += 1
+                    continue
+                batch.append((corpus, line, s, t))
+                if len(batch) == chunk:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def process(index: int, batch: list[tuple[int, int, str, str]]) -> None:
         src_ids = sp.encode([b[2] for b in batch], num_threads=threads)
         tgt_ids = sp.encode([b[3] for b in batch], num_threads=threads)
         rows: dict[str, list] = {name: [] for name in SCHEMA.names}
@@ -263,26 +275,14 @@ def _encode_and_write(corpora: list[tuple[str, str]], settings: PrepareSettings,
                 for name, value in zip(SCHEMA.names, (s, t, len(s), len(t), corpus, line)):
                     rows[name].append(value)
         counts["kept"] += len(rows["line"])
-        order = np.random.default_rng([settings.seed, counts["chunks"]]).permutation(len(rows["line"]))
-        counts["chunks"] += 1  # (not reported) the seed of the next chunk's shuffle
+        order = np.random.default_rng([settings.seed, index]).permutation(len(rows["line"]))
         flush({name: [values[i] for i in order] for name, values in rows.items()})
         if progress is not None:
             progress(len(batch))
 
     try:
-        batch: list[tuple[int, int, str, str]] = []
-        for corpus, (src, tgt) in enumerate(corpora):
-            for line, s, t in read_pairs(src, tgt):
-                counts["read"] += 1
-                if not s or not t:
-                    counts["dropped_empty"] += 1
-                    continue
-                batch.append((corpus, line, s, t))
-                if len(batch) == chunk:
-                    process(batch)
-                    batch = []
-        if batch:
-            process(batch)
+        for index, batch in enumerate(chunks()):
+            process(index, batch)
     finally:
         if writer is not None:
             writer.close()
@@ -300,7 +300,14 @@ def prepare(corpora: list[tuple[str, str]], out: str | os.PathLike, settings: Pr
         raise DataError("corpora: expected at least one (source, target) pair of files")
     corpora = [(str(s), str(t)) for s, t in corpora]
     out = Path(out)
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+    if (out / MANIFEST).exists():  # reused if prepared from the same inputs and settings
+        key = _read_inputs(corpora, settings, None)[0]
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("key") != key:
+            raise DataError(f"out: {out} holds a data set prepared from other inputs or settings; "
+                            "choose another folder or delete it")
+        return Prepared(out, manifest, reused=True)
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"out: {out} exists and is not a prepared data set; choose an empty or new folder")
     threads = settings.threads or os.cpu_count() or 1
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,13 +319,6 @@ def prepare(corpora: list[tuple[str, str]], out: str | os.PathLike, settings: Pr
     try:
         key, inputs, sentences = _read_inputs(corpora, settings, tmp / "spm-input.txt")
         clock.append(time.perf_counter())
-        if (out / MANIFEST).exists():
-            manifest = json.loads((out / MANIFEST).read_text())
-            if manifest.get("key") != key:
-                raise DataError(f"out: {out} holds a data set prepared from other inputs or settings; "
-                                "choose another folder or delete it")
-            shutil.rmtree(tmp)
-            return Prepared(out, manifest, reused=True)
         _train_tokeniser(tmp / "spm-input.txt", sentences, settings, tmp, threads)
         (tmp / "spm-input.txt").unlink()
         clock.append(time.perf_counter())

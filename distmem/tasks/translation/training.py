@@ -88,6 +88,32 @@ def train_step(model: Seq2Seq, memory: Memory | None, batch: TranslationBatch, o
             "accuracy": float((pred == tgt_out)[out.mask].float().mean()), "tokens": float(batch.tokens)}
 
 
+def load_run(run: str | os.PathLike, variant: str) -> tuple[Seq2Seq, Memory | None, dict]:
+    """The latest checkpoint of `variant` ("memory" or "baseline") of a `jobs.translate` run
+    folder: its model, its memory as training left it (None for the baseline), and the payload."""
+    from distmem import checkpoints  # noqa: PLC0415
+    from distmem.cli import from_dict  # noqa: PLC0415
+    from distmem.memory import LocalMemory  # noqa: PLC0415
+    from distmem.runs import RunStore  # noqa: PLC0415
+    from distmem.tasks.translation.config import TranslationRunConfig  # noqa: PLC0415
+
+    if variant not in ("memory", "baseline"):
+        raise ValueError(f"variant: expected 'memory' or 'baseline', got {variant!r}")
+    sub = RunStore(RunStore(str(run)).location(variant))
+    latest = checkpoints.latest(sub)
+    if latest is None:
+        raise FileNotFoundError(f"{run}: not a translation run folder with a {variant} checkpoint and spm.model")
+    payload = checkpoints.load(sub, latest)
+    cfg = from_dict(TranslationRunConfig, payload["config"])
+    model = Seq2Seq(cfg.model_config(use_memory=variant == "memory"))
+    model.load_state_dict(payload["model"])
+    memory = None
+    if variant == "memory":
+        memory = LocalMemory(cfg.memory_config(), backend=cfg.backend)
+        checkpoints.restore_memory(memory, sub, latest)
+    return model, memory, payload
+
+
 class Translator:
     """Text in, text out with a trained model, its sentencepiece model and (optionally) a memory.
 
@@ -101,8 +127,8 @@ class Translator:
 
         self.model, self.memory = model.eval(), memory
         self.sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-        self.beam, self.length_penalty, self.batch_pairs, self.max_len_ratio = beam, length_penalty, batch_pairs, \
-            max_len_ratio
+        self.beam, self.length_penalty = beam, length_penalty
+        self.batch_pairs, self.max_len_ratio = batch_pairs, max_len_ratio
 
     @classmethod
     def from_checkpoint(cls, run: str | os.PathLike, variant: str = "memory", beam: int = 4,
@@ -110,30 +136,15 @@ class Translator:
         """The translator of a `jobs.translate` run folder (path or URI): the latest checkpoint of
         `variant` ("memory" or "baseline"), its memory as training left it, the run's spm.model.
         A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
-        from distmem import checkpoints  # noqa: PLC0415
-        from distmem.cli import from_dict  # noqa: PLC0415
-        from distmem.memory import LocalMemory  # noqa: PLC0415
         from distmem.runs import RunStore  # noqa: PLC0415
-        from distmem.tasks.translation.config import TranslationRunConfig  # noqa: PLC0415
 
-        if variant not in ("memory", "baseline"):
-            raise ValueError(f"variant: expected 'memory' or 'baseline', got {variant!r}")
         store = RunStore(str(run))
-        sub = RunStore(store.location(variant))
-        latest = checkpoints.latest(sub)
-        if latest is None or not store.exists("spm.model"):
+        if not store.exists("spm.model"):
             raise FileNotFoundError(f"{run}: not a translation run folder with a {variant} checkpoint and spm.model")
-        payload = checkpoints.load(sub, latest)
-        cfg = from_dict(TranslationRunConfig, payload["config"])
-        model = Seq2Seq(cfg.model_config(use_memory=variant == "memory"))
-        model.load_state_dict(payload["model"])
-        memory = None
-        if variant == "memory":
-            memory = LocalMemory(cfg.memory_config(), backend=cfg.backend)
-            checkpoints.restore_memory(memory, sub, latest)
-        tmp = tempfile.mkdtemp(prefix="distmem-spm-")
-        spm_model = store.download("spm.model", Path(tmp) / "spm.model")
-        return cls(model, str(spm_model), memory, beam=beam, length_penalty=length_penalty)
+        model, memory, _ = load_run(run, variant)
+        with tempfile.TemporaryDirectory() as tmp:  # the processor reads the model file once
+            spm_model = store.download("spm.model", Path(tmp) / "spm.model")
+            return cls(model, str(spm_model), memory, beam=beam, length_penalty=length_penalty)
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         return self.sp.encode([line.strip() for line in lines])
