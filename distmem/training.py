@@ -10,8 +10,8 @@ same `run_worker` on Ray Train workers with a `ShardedMemory`.
 
 Exact resume: the torch RNG (dropout) is seeded from (seed, rank, step) before every step, and a
 task's batches must be a function of (rank, world, start): a seeded generator, or, for a task fed
-by Parquet files through Ray Data (`Task.data`), the rows of its shard with the first
-`start * rows_per_step` skipped.
+by Parquet files through Ray Data (`Task.data`), the rows of its shard from the start of the
+window of step `start` (`ParquetSource.steps_per_window`).
 """
 
 from __future__ import annotations
@@ -81,12 +81,16 @@ class MemorySpec:
 class ParquetSource:
     """Training rows in Parquet files, streamed to the workers (Ray Data under Ray).
 
-    rows_per_step: rows one worker consumes per step, so that a resumed worker skips
-    start * rows_per_step rows of its share."""
+    rows_per_step: rows one worker consumes per step (on average over a window).
+    steps_per_window: a task that forms its batches from windows of rows_per_step *
+    steps_per_window rows (by length, say) resumes at a window's start: a worker resumed at step
+    `start` skips (start // steps_per_window) whole windows of its share, and the task's
+    `batches` continues within that window."""
 
     paths: tuple[str, ...]
     rows_per_step: int
     columns: tuple[str, ...] | None = None
+    steps_per_window: int = 1
 
 
 class Task(Protocol):
@@ -108,7 +112,7 @@ class Task(Protocol):
 
     def batches(self, rank: int, world: int, start: int, rows: Rows | None = None) -> Iterator[Any]:
         """Worker `rank`'s batches for steps start, start + 1, ... (rows: its share of `data()`, with
-        the rows of the steps before `start` already skipped)."""
+        the windows before step `start`'s already skipped)."""
 
     def train_step(self, model: nn.Module, memory: Memory | None, batch: Any, optimizer: torch.optim.Optimizer,
                    step: int) -> dict[str, float]:
@@ -192,7 +196,8 @@ def run_worker(task: Task, store: RunStore, rank: int = 0, world: int = 1, memor
     started = time.time() - elapsed
     source = task.data()
     if rows is not None and source is not None and start:
-        rows = skip_rows(rows, start * source.rows_per_step)
+        per_window = source.steps_per_window
+        rows = skip_rows(rows, start // per_window * per_window * source.rows_per_step)
     batches = task.batches(rank, world, start, rows)
     for step in range(start, schedule.steps):
         batch = next(batches, None)

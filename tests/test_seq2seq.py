@@ -37,7 +37,7 @@ def test_shapes_and_padding():
     net = model(encoder_layers=3, decoder_layers=3)
     src, tgt_in, tgt_out = batch()
     out = net(src, tgt_in, tgt_out, memory())
-    assert out.logits.shape == (3, 6, TGT) and out.value.shape == out.confidence.shape == (3, 6)
+    assert out.logits.shape == (int(out.mask.sum()), TGT) and out.value.shape == out.confidence.shape == (3, 6)
     assert out.read.query.shape == (18, 16) and torch.isfinite(out.loss)
     padded = torch.cat([src[:1], torch.zeros(1, 3, dtype=torch.int64)], 1)  # the same sequence, 3 pads after it
     assert torch.allclose(net.encoder(padded)[:, :5], net.encoder(src[:1]), atol=1e-6)
@@ -95,6 +95,22 @@ def test_a_model_without_memory_has_no_memory_parameters_and_reads_none():
     assert out.read is None and (out.value == -1).all() and torch.equal(out.loss, out.ce)
 
 
+def test_the_objective_is_pytorchs_label_smoothed_cross_entropy_over_the_non_padding_positions():
+    net = model(use_memory=False)
+    src, tgt_in, tgt_out = batch()
+    tgt_in[0, 4:], tgt_out[0, 4:] = 0, 0  # a shorter first target
+    out = net(src, tgt_in, tgt_out, label_smoothing=0.1)
+    plain = net(src, tgt_in, tgt_out)
+    assert out.logits.shape == (16, TGT) and torch.equal(out.mask, tgt_out != 0)
+    full = out.padded(out.logits)  # the oracle: PyTorch's loss over [B, T, V] with padding ignored
+    expected = torch.nn.functional.cross_entropy(full.transpose(1, 2), tgt_out, ignore_index=0, label_smoothing=0.1)
+    torch.testing.assert_close(out.objective, expected)
+    torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(full.transpose(1, 2), tgt_out, ignore_index=0))
+    assert torch.equal(plain.loss, plain.ce) and not torch.allclose(out.loss, out.ce)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        net(src, tgt_in, tgt_out, label_smoothing=1.0)
+
+
 def test_step_by_step_decoding_equals_the_teacher_forced_pass():
     """The incremental decoder (LSTM states, the relative-position bias at each step's offset, the
     memory read) computes what the teacher-forced pass does over the whole sequence."""
@@ -104,7 +120,8 @@ def test_step_by_step_decoding_equals_the_teacher_forced_pass():
     src, tgt_in, tgt_out = batch(length=6)
     mem = memory()
     mem.step(torch.nn.functional.normalize(torch.randn(40, 16), dim=-1), torch.randint(1, 31, (40,)))
-    full = torch.log_softmax(net(src, tgt_in, None, mem).logits, -1)
+    out = net(src, tgt_in, None, mem)
+    full = out.padded(torch.log_softmax(out.logits, -1))
     state = net.encode(src)
     for t in range(tgt_in.shape[1]):
         logp, _, state = net._step(tgt_in[:, t], state, mem)
@@ -140,7 +157,8 @@ def test_beam_search_finds_the_exhaustive_best_and_beam_one_is_greedy():
         def score(seq, row=row):
             out = torch.tensor([seq])
             tgt_in = torch.cat([torch.tensor([[bos]]), out[:, :-1]], 1)
-            logp = torch.log_softmax(net(src[row:row + 1], tgt_in).logits, -1)
+            res = net(src[row:row + 1], tgt_in)
+            logp = res.padded(torch.log_softmax(res.logits, -1))
             return float(logp[0, torch.arange(len(seq)), out[0]].sum().detach())
         assert tuple(t for t in best[row].tolist() if t != 0) == max(hypotheses, key=score)
 

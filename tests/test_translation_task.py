@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_training import assert_resume_equals_uninterrupted
@@ -23,7 +24,8 @@ from distmem.tasks.translation import PrepareSettings, prepare
 from distmem.tasks.translation.config import TranslationRunConfig
 from distmem.tasks.translation.prepare import BOS, EOS, PAD
 from distmem.tasks.translation.task import TranslationTask
-from distmem.tasks.translation.training import Translator, make_batch, pair_batches
+from distmem.tasks.translation.training import Translator, bucket_batches, make_batch
+from distmem.training import skip_rows
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -37,14 +39,50 @@ def test_teacher_forcing_batch_by_hand():
     assert b.tokens == 6 + 3 + 4
 
 
-def test_a_resumed_stream_continues_with_the_same_batches():
-    """12 rows in chunks of 3, batches of 5: a stream resumed after one step starts at batch 2."""
-    rows = [{"src": [[10 * c + r] for r in range(3)], "tgt": [[10 * c + r, 1] for r in range(3)]} for c in range(4)]
-    whole = [b.src[:, 0].tolist() for b in pair_batches(iter(rows), 5)]
-    assert whole == [[0, 1, 2, 10, 11], [12, 20, 21, 22, 30]]
-    from distmem.training import skip_rows
-    resumed = [b.src[:, 0].tolist() for b in pair_batches(skip_rows(iter(rows), 5), 5)]
-    assert resumed == whole[1:]
+def _stream(n: int, chunk: int = 7, seed: int = 0) -> list[dict]:
+    """n rows of random lengths 1-30, the target's near the source's (row i: src starts with
+    i + 10), in chunks as Ray Data gives them."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 31, n)
+    rows = [([i + 10, *[4] * int(m - 1)], [5] * int(m + rng.integers(0, 3))) for i, m in enumerate(lengths)]
+    return [{"src": [r[0] for r in rows[c:c + chunk]], "tgt": [r[1] for r in rows[c:c + chunk]]}
+            for c in range(0, n, chunk)]
+
+
+def _ids(batch) -> list[int]:
+    return [i - 10 for i in batch.src[:, 0].tolist()]
+
+
+def test_length_buckets_hold_every_pair_once_with_less_padding_and_equal_token_counts():
+    pairs, window = 8, 10
+    batches = list(bucket_batches(iter(_stream(240)), pairs, window, seed=3))
+    assert len(batches) == 30 and sorted(i for b in batches for i in _ids(b)) == list(range(240))
+    for w in range(3):  # each window's batches hold exactly that window's rows
+        held = sorted(i for b in batches[w * window:(w + 1) * window] for i in _ids(b))
+        assert held == list(range(w * 80, (w + 1) * 80))
+    padded = [b.src.numel() + b.tgt_out.numel() for b in batches]
+    real = sum(b.tokens for b in batches)
+    stream = [row for c in _stream(240) for row in zip(c["src"], c["tgt"])]
+    consecutive = [make_batch(*zip(*stream[i:i + pairs])) for i in range(0, 240, pairs)]  # batches as they come
+    assert real / sum(padded) > 0.85 > real / sum(b.src.numel() + b.tgt_out.numel() for b in consecutive)
+    assert max(padded) < 2 * min(padded)  # short pairs many to a batch, long pairs few
+    assert max(len(b.src) for b in batches) > pairs > min(len(b.src) for b in batches)
+
+
+def test_a_resumed_bucket_stream_continues_with_the_same_batches_and_each_epoch_reshuffles():
+    pairs, window = 5, 4
+    rows = _stream(40) * 2  # two epochs of a worker's 40 rows
+    whole = [_ids(b) for b in bucket_batches(iter(rows), pairs, window, seed=1, rank=2)]
+    assert len(whole) == 16
+    for start in range(16):  # the trainer skips the windows before start's, the task the rest
+        resumed = bucket_batches(skip_rows(iter(rows), start // window * window * pairs), pairs, window,
+                                 seed=1, rank=2, start=start)
+        assert [_ids(b) for b in resumed] == whole[start:]
+    first, second = whole[:8], whole[8:]
+    assert sorted(map(sorted, first)) != sorted(map(sorted, second)) or first != second
+    assert sorted(i for b in second for i in b) == list(range(40))
+    other_rank = [_ids(b) for b in bucket_batches(iter(rows), pairs, window, seed=1, rank=3)]
+    assert other_rank != whole
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +93,8 @@ def small_data(tmp_path_factory):
                        PrepareSettings(vocab=500))
     cfg = TranslationRunConfig(preset="quick", data=str(DATA), vocab=500, hidden=32, dropout=0.1, workers=1,
                                shards=1, steps=4, batch_pairs=6, warmup=2, memory_size=256, k=8, beam=2,
-                               dev_sentences=4, eval_every=2, log_every=1, checkpoint_every=2)
+                               dev_sentences=4, eval_every=2, log_every=1, checkpoint_every=2,
+                               bucket_window=3)  # resumed at step 2: within a window
     return prepared, cfg
 
 

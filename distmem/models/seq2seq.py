@@ -83,8 +83,10 @@ MODEL_PRESETS: dict[str, dict] = {
 
 @dataclass
 class Seq2SeqOutput:
-    """logits [B, T, V]; ce: mean cross-entropy over non-padding targets; read: the memory read
-    of the non-padding positions (None without a memory); value, confidence [B, T] (-1 / 0: none)."""
+    """mask [B, T]: the non-padding positions; logits [N, V]: theirs only (N = mask.sum(), in
+    mask order; padding costs no output projection); ce: their mean cross-entropy; objective: the
+    label-smoothed one that is trained (= ce without smoothing); read: the memory read of those
+    positions (None without a memory); value, confidence [B, T] (-1 / 0: none)."""
 
     logits: Tensor
     ce: Tensor | None
@@ -92,11 +94,19 @@ class Seq2SeqOutput:
     value: Tensor
     confidence: Tensor
     mask: Tensor = field(repr=False)
+    objective: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
-        """Cross-entropy plus the memory loss (the paper's training loss)."""
-        return self.ce + self.read.loss if self.read is not None and self.read.loss is not None else self.ce
+        """The (label-smoothed) cross-entropy plus the memory loss (the paper's training loss)."""
+        ce = self.objective if self.objective is not None else self.ce
+        return ce + self.read.loss if self.read is not None and self.read.loss is not None else ce
+
+    def padded(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        """Per-position values x [N, ...] (mask order) -> [B, T, ...], `fill` at padding."""
+        out = x.new_full((*self.mask.shape, *x.shape[1:]), fill)
+        out[self.mask] = x
+        return out
 
 
 def _stack(cfg: Seq2SeqConfig, layers: list[nn.LSTM], x: Tensor, extra: Tensor | None, states: list | None,
@@ -265,9 +275,10 @@ class Seq2Seq(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None,
-                memory: Memory | None = None) -> Seq2SeqOutput:
+                memory: Memory | None = None, label_smoothing: float = 0.0) -> Seq2SeqOutput:
         """Teacher-forced pass. With tgt_out [B, T] (the gold next tokens) the memory is read with
-        them as labels (loss, recent-slot candidate) and the cross-entropy is computed."""
+        them as labels (loss, recent-slot candidate) and the cross-entropy is computed (the
+        objective with `label_smoothing`, PyTorch's definition)."""
         _check_tokens("src", src, self.cfg.src_vocab)
         _check_tokens("tgt_in", tgt_in, self.cfg.tgt_vocab, rows=src.shape[0])
         if tgt_out is not None:
@@ -275,6 +286,8 @@ class Seq2Seq(nn.Module):
             if tgt_out.shape != tgt_in.shape:
                 raise ValueError(f"tgt_out must have the shape of tgt_in {list(tgt_in.shape)}, "
                                  f"got {list(tgt_out.shape)}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
         context, top, _ = self.decode_steps(tgt_in, self.encode(src))
         mask = (tgt_out if tgt_out is not None else tgt_in) != self.cfg.pad
         value = torch.full(mask.shape, -1, dtype=torch.int64, device=src.device)
@@ -284,9 +297,14 @@ class Seq2Seq(nn.Module):
             read = memory.read(self.queries(context[mask]), None if tgt_out is None else tgt_out[mask])
             value = value.masked_scatter(mask, read.prediction.to(src.device))
             confidence = confidence.masked_scatter(mask, read.confidence.to(src.device))
-        logits = self.logits(top, value, confidence)
-        ce = F.cross_entropy(logits[mask], tgt_out[mask]) if tgt_out is not None else None
-        return Seq2SeqOutput(logits, ce, read, value, confidence, mask)
+        logits = self.logits(top[mask], value[mask], confidence[mask])  # (N, V)
+        ce = objective = None
+        if tgt_out is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            nll = -logp.gather(1, tgt_out[mask][:, None]).squeeze(1)
+            ce = nll.mean()
+            objective = (1 - label_smoothing) * ce - label_smoothing * logp.mean(-1).mean() if label_smoothing else ce
+        return Seq2SeqOutput(logits, ce, read, value, confidence, mask, objective)
 
     @torch.no_grad()
     def teacher_forced_queries(self, src: Tensor, tgt_in: Tensor) -> Tensor:

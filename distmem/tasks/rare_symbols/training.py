@@ -53,7 +53,7 @@ def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batc
     optimizer.step()
     if out.read is not None:
         memory.write(out.read)
-    pred = out.logits.argmax(-1)
+    pred = out.padded(out.logits.detach().argmax(-1), fill=-1)  # (B, T)
     metrics = {"ce": float(out.ce.detach()),
                "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
                "accuracy": float((pred == t.tgt_out)[out.mask].float().mean())}

@@ -13,7 +13,7 @@ from distmem.models.seq2seq import Seq2Seq
 from distmem.tasks.translation.config import TranslationRunConfig
 from distmem.tasks.translation.evaluation import bleu
 from distmem.tasks.translation.prepare import Prepared, read_lines
-from distmem.tasks.translation.training import TranslationBatch, Translator, pair_batches, train_step
+from distmem.tasks.translation.training import TranslationBatch, Translator, bucket_batches, train_step
 from distmem.training import MemorySpec, ParquetSource, Schedule
 
 
@@ -43,7 +43,8 @@ class TranslationTask:
                           backend=self.config.backend)
 
     def data(self) -> ParquetSource:
-        return ParquetSource(self.files, rows_per_step=self.config.batch_pairs, columns=("src", "tgt"))
+        return ParquetSource(self.files, rows_per_step=self.config.batch_pairs, columns=("src", "tgt"),
+                             steps_per_window=self.config.bucket_window)
 
     def build(self) -> tuple[Seq2Seq, torch.optim.Optimizer]:
         if self.config.threads:
@@ -53,7 +54,7 @@ class TranslationTask:
         return model, torch.optim.Adam(model.parameters(), lr=self.config.lr)
 
     def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[TranslationBatch]:
-        return pair_batches(rows, self.config.batch_pairs)
+        return bucket_batches(rows, self.config.batch_pairs, self.config.bucket_window, self.config.seed, rank, start)
 
     def train_step(self, model: torch.nn.Module, memory: Memory | None, batch: TranslationBatch,
                    optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distmem.memory import Memory
@@ -51,18 +50,37 @@ def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> Tr
     return TranslationBatch(pad(src, after=[EOS]), pad(tgt, before=[BOS])[:, : out.shape[1]], out)
 
 
-def pair_batches(rows: Iterator[dict[str, np.ndarray]], pairs: int) -> Iterator[TranslationBatch]:
-    """Consecutive `pairs` rows of a worker's Parquet stream ({"src", "tgt"}) per batch, so that a
-    resumed worker, whose stream skips start * pairs rows, continues with the batch it would have
-    had (the pairs were shuffled when prepared, so consecutive rows are a random batch)."""
+def bucket_batches(rows: Iterator[dict[str, np.ndarray]], pairs: int, window: int, seed: int = 0, rank: int = 0,
+                   start: int = 0) -> Iterator[TranslationBatch]:
+    """Batches by token count from length buckets, for steps start, start + 1, ... of a worker.
+
+    rows: the worker's Parquet stream ({"src", "tgt"}), from the first row of the window of step
+    `start` (windows of `pairs * window` rows, one per `window` steps). Each window is sorted by
+    length (ties broken at random) and cut into `window` batches of about equal padded token
+    count (short pairs: many to a batch, long: few), whose order is shuffled. The random draws are
+    seeded by (seed, rank, window index), so every epoch reshuffles and a resumed worker, whose
+    stream starts at its window, skips that window's first start % window batches and continues
+    with the batch it would have had."""
+    size = pairs * window
+    index, skip = divmod(start, window)
     src: list = []
     tgt: list = []
     for chunk in rows:
         src.extend(chunk["src"])
         tgt.extend(chunk["tgt"])
-        while len(src) >= pairs:
-            yield make_batch(src[:pairs], tgt[:pairs])
-            src, tgt = src[pairs:], tgt[pairs:]
+        while len(src) >= size:
+            rng = np.random.default_rng([seed, rank, index])
+            cost = np.maximum([len(r) for r in src[:size]], [len(r) for r in tgt[:size]]) + 1
+            order = np.lexsort((rng.random(size), cost))
+            # cut where the sorted costs' running total crosses each window-th of the total (N >= window)
+            total = np.cumsum(cost[order])
+            cuts = np.searchsorted(total, total[-1] * np.arange(1, window) / window).tolist()
+            for j in range(window - 1):  # no empty batch
+                cuts[j] = min(max(cuts[j], cuts[j - 1] + 1 if j else 1), size - window + j + 1)
+            groups = np.split(order, cuts)
+            for g in rng.permutation(window)[skip:]:
+                yield make_batch([src[i] for i in groups[g]], [tgt[i] for i in groups[g]])
+            src, tgt, index, skip = src[size:], tgt[size:], index + 1, 0
 
 
 def train_step(model: Seq2Seq, memory: Memory | None, batch: TranslationBatch, optimizer: torch.optim.Optimizer,
@@ -71,9 +89,8 @@ def train_step(model: Seq2Seq, memory: Memory | None, batch: TranslationBatch, o
     model.train()
     device = next(model.parameters()).device
     src, tgt_in, tgt_out = batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device)
-    out = model(src, tgt_in, tgt_out, memory)
-    ce = F.cross_entropy(out.logits[out.mask], tgt_out[out.mask], label_smoothing=label_smoothing)
-    loss = ce + out.read.loss if out.read is not None and out.read.loss is not None else ce
+    out = model(src, tgt_in, tgt_out, memory, label_smoothing=label_smoothing)
+    loss = out.loss
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad()
@@ -82,10 +99,10 @@ def train_step(model: Seq2Seq, memory: Memory | None, batch: TranslationBatch, o
     optimizer.step()
     if out.read is not None:
         memory.write(out.read)
-    pred = out.logits.argmax(-1)
+    accuracy = (out.logits.detach().argmax(-1) == tgt_out[out.mask]).float().mean()
     return {"ce": float(out.ce.detach()), "loss": float(loss.detach()), "lr": lr,
             "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
-            "accuracy": float((pred == tgt_out)[out.mask].float().mean()), "tokens": float(batch.tokens)}
+            "accuracy": float(accuracy), "tokens": float(batch.tokens)}
 
 
 def load_run(run: str | os.PathLike, variant: str) -> tuple[Seq2Seq, Memory | None, dict]:
