@@ -21,26 +21,16 @@ from pathlib import Path
 from distmem import checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.omniglot import OmniglotNet
+from distmem.plots import line_plot
 from distmem.tasks.omniglot import PRESETS, OmniglotRunConfig, OmniglotTask
 from distmem.tasks.omniglot.data import load_omniglot, make_split
 from distmem.tasks.omniglot.evaluation import embed, evaluate
 
 
 def plot_curve(curve: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in range(1, 6):
-        ax.plot([c["step"] for c in curve], [c[f"{k}-shot"] for c in curve], marker="o", label=f"{k}-shot")
-    ax.set_xlabel("training batch")
-    ax.set_ylabel("5-way accuracy (%) on held-out test classes")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with line_plot(path, title, "training batch", "5-way accuracy (%) on held-out test classes") as ax:
+        for k in range(1, 6):
+            ax.plot([c["step"] for c in curve], [c[f"{k}-shot"] for c in curve], marker="o", label=f"{k}-shot")
 
 
 def main(argv: list[str] | None = None) -> dict:

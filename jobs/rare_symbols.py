@@ -25,6 +25,7 @@ from tqdm import tqdm
 from distmem import LocalMemory, checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.seq2seq import Seq2Seq
+from distmem.plots import line_plot
 from distmem.runs import RunStore
 from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig, RareSymbolsTask
 from distmem.tasks.rare_symbols.data import ProbeStream
@@ -43,26 +44,16 @@ def trained_memory(cfg: RareSymbolRunConfig, store: RunStore, checkpoint: str) -
 
 
 def plot_recall(results: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, style in (("memory", "o-"), ("baseline", "s--")):
-        gaps = sorted(int(g) for g in results[variant])
-        ax.plot(gaps, [results[variant][str(g)]["rare_accuracy"] for g in gaps], style,
-                label=f"{'with' if variant == 'memory' else 'without'} memory: rare test symbols (1-shot)")
-        ax.plot(gaps, [results[variant][str(g)]["frequent_accuracy"] for g in gaps], style, alpha=0.35,
-                label=f"{'with' if variant == 'memory' else 'without'} memory: frequent symbols")
-    ax.set_xscale("log")
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel("gap between the context and the probe (training-stream steps)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with line_plot(path, title, "gap between the context and the probe (training-stream steps)", "accuracy (%)",
+                   legend_size=7) as ax:
+        for variant, style in (("memory", "o-"), ("baseline", "s--")):
+            gaps = sorted(int(g) for g in results[variant])
+            ax.plot(gaps, [results[variant][str(g)]["rare_accuracy"] for g in gaps], style,
+                    label=f"{'with' if variant == 'memory' else 'without'} memory: rare test symbols (1-shot)")
+            ax.plot(gaps, [results[variant][str(g)]["frequent_accuracy"] for g in gaps], style, alpha=0.35,
+                    label=f"{'with' if variant == 'memory' else 'without'} memory: frequent symbols")
+        ax.set_xscale("log")
+        ax.set_ylim(-3, 103)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from distmem import LocalMemory
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.models.seq2seq import Seq2Seq
+from distmem.plots import line_plot
 from distmem.runs import RunStore
 from distmem.tasks.translation import DataError, prepare
 from distmem.tasks.translation.config import PRESETS, TranslationRunConfig
@@ -36,22 +37,11 @@ VARIANTS = {"memory": True, "baseline": False}  # sub-folder -> use_memory
 
 
 def plot_bleu(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, style in (("memory", "o-"), ("baseline", "s--")):
-        points = curves.get(variant, [])
-        ax.plot([p["step"] for p in points], [p["dev_bleu"] for p in points], style,
-                label=f"{'with' if variant == 'memory' else 'without'} memory")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("dev BLEU (greedy)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with line_plot(path, title, "training step", "dev BLEU (greedy)") as ax:
+        for variant, style in (("memory", "o-"), ("baseline", "s--")):
+            points = curves.get(variant, [])
+            ax.plot([p["step"] for p in points], [p["dev_bleu"] for p in points], style,
+                    label=f"{'with' if variant == 'memory' else 'without'} memory")
 
 
 def evaluate_test_set(cfg: TranslationRunConfig, models: dict[str, Seq2Seq], memories: dict[str, LocalMemory],
@@ -144,6 +134,8 @@ def run(cfg: TranslationRunConfig, args) -> dict:
     for test in cfg.test_sets():
         print(f"evaluating on {test.name} ...", flush=True)
         src, ref = list(read_lines(test.src)), list(read_lines(test.ref))
+        if cfg.test_sentences:
+            src, ref = src[: cfg.test_sentences], ref[: cfg.test_sentences]
         results[test.name] = evaluate_test_set(cfg, models, memories, str(prepared.spm_model), train_counts, src, ref)
 
     metrics = {"preset": cfg.preset, "config": vars(cfg), "prepared": {"root": str(prepared.root),

@@ -172,6 +172,30 @@ def test_quick_preset_end_to_end(tmp_path):
         assert sum(1 for _ in f) == result["sentences"]
 
 
+@pytest.mark.slow
+def test_wmt14_sample_preset_end_to_end(tmp_path):
+    """The WMT path: the 10k sample prepared, both variants trained, newstest2013 as the dev
+    curve, both newstest2014 sets evaluated (their first sentences, to fit CI)."""
+    out = subprocess.run([sys.executable, "-m", "jobs.translate", "--preset", "wmt14-sample", "--storage",
+                          str(tmp_path), "--prepared", str(tmp_path / "prepared"), "--steps", "30",
+                          "--eval-every", "15", "--dev-sentences", "20", "--test-sentences", "60",
+                          "--checkpoint-every", "15", "--beam", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("translate-wmt14-sample"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["prepared"]["counts"]["read"] == 10_000
+    assert sum(metrics["prepared"]["counts"][k] for k in ("kept", "dropped_empty", "dropped_too_long",
+                                                           "dropped_ratio")) == 10_000
+    assert sorted(metrics["results"]) == ["newstest2014-filtered", "newstest2014-full"]
+    for result in metrics["results"].values():
+        assert result["sentences"] == 60 and result["context"] == 30 and result["evaluation"] == 30
+        assert 0 <= result["memory"]["bleu"]["bleu"] <= 100 and "tok:13a" in result["baseline"]["bleu"]["signature"]
+    assert [e["step"] for e in metrics["dev_bleu"]["baseline"]] == [15, 30]
+    assert [c["step"] for c in metrics["curves"]["memory"]][-1] == 30
+    assert "newstest2014-full: 60 sentences" in out.stdout and (run / "bleu.png").stat().st_size > 0
+
+
 @pytest.fixture(scope="module")
 def trained_run(small_data, tmp_path_factory):
     """A run folder as jobs.translate leaves it: memory/ and baseline/ trained 4 steps, spm.model."""

@@ -122,7 +122,7 @@ def _stack(cfg: Seq2SeqConfig, layers: list[nn.LSTM], x: Tensor, extra: Tensor |
     return x, new_states
 
 
-def _check_tokens(name: str, x: Tensor, vocab: int, rows: int | None = None) -> None:
+def check_tokens(name: str, x: Tensor, vocab: int, rows: int | None = None) -> None:
     """x must be int64 [B, T] with ids in [0, vocab) (0 = padding)."""
     if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 2:
         got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -279,10 +279,10 @@ class Seq2Seq(nn.Module):
         """Teacher-forced pass. With tgt_out [B, T] (the gold next tokens) the memory is read with
         them as labels (loss, recent-slot candidate) and the cross-entropy is computed (the
         objective with `label_smoothing`, PyTorch's definition)."""
-        _check_tokens("src", src, self.cfg.src_vocab)
-        _check_tokens("tgt_in", tgt_in, self.cfg.tgt_vocab, rows=src.shape[0])
+        check_tokens("src", src, self.cfg.src_vocab)
+        check_tokens("tgt_in", tgt_in, self.cfg.tgt_vocab, rows=src.shape[0])
         if tgt_out is not None:
-            _check_tokens("tgt_out", tgt_out, self.cfg.tgt_vocab, rows=src.shape[0])
+            check_tokens("tgt_out", tgt_out, self.cfg.tgt_vocab, rows=src.shape[0])
             if tgt_out.shape != tgt_in.shape:
                 raise ValueError(f"tgt_out must have the shape of tgt_in {list(tgt_in.shape)}, "
                                  f"got {list(tgt_out.shape)}")
@@ -330,7 +330,7 @@ class Seq2Seq(nn.Module):
         """Greedy decoding: src [B, S] -> tokens [B, T] (after EOS: padding). The memory is read at
         every step; with write=True the decoded tokens are then written as its labels. (Put the
         model in eval mode first if it has dropout.)"""
-        _check_tokens("src", src, self.cfg.src_vocab)
+        check_tokens("src", src, self.cfg.src_vocab)
         max_len = max_len if max_len is not None else src.shape[1] + 1
         state = self.encode(src)
         prev = torch.full((src.shape[0],), self.cfg.bos, dtype=torch.int64, device=src.device)
@@ -355,7 +355,7 @@ class Seq2Seq(nn.Module):
         """Beam search: src [B, S] -> the best hypothesis per row [B, T] (after EOS: padding).
         Scores are log-probabilities divided by ((5 + length) / 6) ** length_penalty (GNMT's).
         The memory is read, never written."""
-        _check_tokens("src", src, self.cfg.src_vocab)
+        check_tokens("src", src, self.cfg.src_vocab)
         B, V = src.shape[0], self.cfg.tgt_vocab
         max_len = max_len if max_len is not None else src.shape[1] + 1
         rows = torch.arange(B, device=src.device).repeat_interleave(beam)

@@ -52,6 +52,7 @@ class TranslationRunConfig:
     beam: int = option(4, "beam size of the test translations")
     length_penalty: float = option(0.6, "GNMT length penalty alpha of the beam search")
     dev_sentences: int = option(300, "dev sentences translated (greedy) for each point of the BLEU curve")
+    test_sentences: int = option(0, "the first sentences of each test set evaluated (0: all)")
     eval_every: int = option(500, "steps between points of the dev BLEU curve (0: none)")
     log_every: int = option(50, "steps between points of the training curve")
     checkpoint_every: int = option(500, "steps between checkpoints")
@@ -61,7 +62,8 @@ class TranslationRunConfig:
         check_fields(self, at_least_one=("vocab", "workers", "shards", "steps", "batch_pairs", "memory_size", "k",
                                          "beam", "log_every", "checkpoint_every", "sample_sentences",
                                          "bucket_window"),
-                     non_negative=("cpus_per_worker", "threads", "warmup", "dev_sentences", "eval_every", "hidden"),
+                     non_negative=("cpus_per_worker", "threads", "warmup", "dev_sentences", "eval_every", "hidden",
+                                   "test_sentences"),
                      positive_finite=("lr",))
         if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError("--dropout and --label-smoothing: expected values in [0, 1)")
@@ -130,9 +132,10 @@ PRESETS: dict[str, dict] = {
     "quick": dict(vocab=8000, hidden=64, steps=8, batch_pairs=8, warmup=2, memory_size=4096, k=32, shards=2,
                   beam=2, dev_sentences=8, eval_every=4, log_every=4, checkpoint_every=4),
     # the measured CPU run: Multi30k En->De, both variants and the evaluation within an hour on 2 cores
-    "multi30k": dict(steps=3600, eval_every=600, dev_sentences=200, dropout=0.1, memory_size=16384, k=128),
+    "multi30k": dict(steps=3000, eval_every=500, dev_sentences=200, dropout=0.1, memory_size=16384, k=128),
     # the WMT path end to end on the 10k sample (a smoke run; its BLEU is not a target)
-    "wmt14-sample": dict(vocab=8000, steps=300, eval_every=100, dev_sentences=100, checkpoint_every=100),
+    "wmt14-sample": dict(vocab=8000, steps=300, eval_every=100, dev_sentences=100, checkpoint_every=100,
+                         memory_size=16384, k=128, test_sentences=500),
     # the real thing, for a GPU cluster: --train gives the full WMT14 corpus
     "wmt14": dict(vocab=32000, model="gnmt", steps=200_000, batch_pairs=128, lr=5e-4, warmup=2000,
                   memory_size=1_048_576, shards=4, eval_every=5000, dev_sentences=3000, checkpoint_every=2000),

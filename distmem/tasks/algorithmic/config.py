@@ -1,0 +1,71 @@
+"""The Neural GPU's algorithmic run config and its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from distmem.cli import check_fields, option
+from distmem.models.neural_gpu import NEURAL_GPU_PRESETS, NeuralGPUConfig
+from distmem.tasks.algorithmic.data import Curriculum, vocabulary
+
+
+@dataclass(frozen=True)
+class AlgorithmicRunConfig:
+    """Everything an algorithmic run needs; saved with every checkpoint (config.json in the run folder)."""
+
+    preset: str = option("default", "the preset this config started from")
+    task: Literal["badd", "bmul", "rev", "copy", "sort"] = option("badd", "the algorithm to learn")
+    symbols: int = option(8, "rev / copy / sort: letters in the alphabet")
+    model: Literal["tiny", "small", "paper"] = option("tiny", "model size (neural_gpu.NEURAL_GPU_PRESETS)")
+    nmaps: int = option(0, "channels of the tape (0: the model preset's)")
+    extended: bool = option(False, "the Extended Neural GPU (a decoder tape) instead of the Neural GPU")
+    workers: int = option(2, "data-parallel trainers (Ray Train)")
+    cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
+    threads: int = option(0, "torch threads per trainer (0: its CPUs)")
+    steps: int = option(6000, "training steps (one batch per trainer each)")
+    batch_size: int = option(16, "instances per trainer per step")
+    lr: float = option(1e-3, "Adam learning rate")
+    clip_norm: float = option(1.0, "gradient-norm clipping")
+    dropout: float = option(0.0, "dropout on the tape before every step")
+    grad_noise: float = option(0.0, "gradient noise: N(0, eta / (1 + step)^0.55) added to every gradient (eta)")
+    curriculum_start: int = option(3, "curriculum: the longest training length at step 0")
+    curriculum_every: int = option(200, "curriculum: steps between growths of the longest length by one")
+    max_length: int = option(20, "the longest training length (the curriculum's end)")
+    test_lengths: tuple[int, ...] = option((20, 50, 100, 200, 400), "lengths of the generalisation test")
+    test_instances: int = option(1024, "fresh instances per test length")
+    eval_every: int = option(500, "steps between points of the accuracy curve (at the longest training length)")
+    eval_instances: int = option(256, "instances per point of the accuracy curve")
+    log_every: int = option(50, "steps between points of the training curve")
+    checkpoint_every: int = option(500, "steps between checkpoints")
+    seed: int = option(0, "seed of the instances, the initialisation and the noise")
+
+    def __post_init__(self) -> None:
+        check_fields(self, at_least_one=("workers", "steps", "batch_size", "test_instances", "eval_instances",
+                                         "log_every", "checkpoint_every", "curriculum_every"),
+                     non_negative=("cpus_per_worker", "threads", "nmaps", "eval_every", "grad_noise"),
+                     positive_finite=("lr",))
+        vocabulary(self.task, self.symbols)
+        self.curriculum()
+        if not self.test_lengths or min(self.test_lengths) < 3:
+            raise ValueError(f"--test-lengths: expected comma-separated lengths >= 3, got {self.test_lengths!r}")
+        self.model_config()
+
+    def curriculum(self) -> Curriculum:
+        return Curriculum(start=self.curriculum_start, longest=self.max_length, every=self.curriculum_every,
+                          shortest=3 if self.task in ("badd", "bmul") else 1)
+
+    def model_config(self) -> NeuralGPUConfig:
+        vocab = vocabulary(self.task, self.symbols)
+        sizes = {**NEURAL_GPU_PRESETS[self.model], **({"nmaps": self.nmaps} if self.nmaps else {})}
+        return NeuralGPUConfig(in_vocab=vocab.in_size, out_vocab=vocab.out_size, dropout=self.dropout,
+                               extended=self.extended, **sizes)
+
+
+PRESETS: dict[str, dict] = {
+    # CI smoke run: a few steps, short test lengths, few instances
+    "quick": dict(steps=20, curriculum_every=5, max_length=8, test_lengths=(8, 16), test_instances=32,
+                  eval_every=10, eval_instances=16, log_every=5, checkpoint_every=10),
+    # the measured CPU run
+    "default": dict(),
+}

@@ -1,0 +1,133 @@
+"""The algorithmic tasks as a `distmem.training.Task`: the Neural GPU (no memory: these tasks need
+none) on seeded random instances under the length curriculum, and their sequence accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from distmem.memory import Memory
+from distmem.models.neural_gpu import NeuralGPU
+from distmem.tasks.algorithmic.config import AlgorithmicRunConfig
+from distmem.tasks.algorithmic.data import batch
+from distmem.training import MemorySpec, Schedule
+
+
+def sequence_accuracy(model: NeuralGPU, cfg: AlgorithmicRunConfig, length: int, instances: int, seed: int,
+                      batch_size: int = 64) -> float:
+    """The share (%) of `instances` fresh instances of tape length `length` (seeded by `seed`)
+    whose every output position the model gets right (greedy)."""
+    rng = np.random.default_rng([seed, length])
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, instances, batch_size):
+        src, tgt = batch(cfg.task, length, min(batch_size, instances - start), rng, cfg.symbols)
+        out, _ = model.greedy(torch.from_numpy(src), length)
+        right += int((out == torch.from_numpy(tgt)).all(1).sum())
+    model.train(was_training)
+    return 100.0 * right / instances
+
+
+class AlgorithmicTask:
+    """cfg: the run config (its task, model and curriculum)."""
+
+    def __init__(self, cfg: AlgorithmicRunConfig) -> None:
+        self.config = cfg
+        self.name = f"neural-gpu-{cfg.task}"
+
+    def schedule(self) -> Schedule:
+        c = self.config
+        return Schedule(steps=c.steps, workers=c.workers, cpus_per_worker=c.cpus_per_worker, log_every=c.log_every,
+                        eval_every=c.eval_every, checkpoint_every=c.checkpoint_every, seed=c.seed)
+
+    def memory_spec(self) -> MemorySpec | None:
+        return None
+
+    def data(self) -> None:
+        return None
+
+    def build(self) -> tuple[NeuralGPU, torch.optim.Optimizer]:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        torch.manual_seed(self.config.seed)
+        model = NeuralGPU(self.config.model_config())
+        return model, torch.optim.Adam(model.parameters(), lr=self.config.lr)
+
+    def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Step s: a batch of one length drawn by the curriculum, from a generator seeded by (seed, rank, s)."""
+        c, curriculum = self.config, self.config.curriculum()
+        step = start
+        while True:
+            rng = np.random.default_rng([c.seed, rank, step])
+            src, tgt = batch(c.task, curriculum.length_at(step, rng), c.batch_size, rng, c.symbols)
+            yield torch.from_numpy(src), torch.from_numpy(tgt)
+            step += 1
+
+    def train_step(self, model: torch.nn.Module, memory: Memory | None, batch: tuple[torch.Tensor, torch.Tensor],
+                   optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        c = self.config
+        model.train()
+        src, tgt = batch
+        out = model(src, tgt)
+        optimizer.zero_grad()
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
+        if c.grad_noise:  # Neelakantan et al.'s annealed noise (the step's seed makes it reproducible)
+            std = (c.grad_noise / (1 + step) ** 0.55) ** 0.5
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.add_(torch.randn_like(p.grad) * std)
+        optimizer.step()
+        right = out.logits.argmax(-1) == tgt
+        return {"ce": float(out.ce.detach()), "accuracy": float(right.float().mean()),
+                "sequence_accuracy": float(right.all(1).float().mean()), "length": float(src.shape[1]),
+                "grad_norm": float(norm)}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Sequence accuracy (%) at the longest training length, on the same fresh instances each time."""
+        net = getattr(model, "module", model)
+        c = self.config
+        return {"sequence_accuracy": sequence_accuracy(net, c, c.max_length, c.eval_instances, seed=c.seed + 1)}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def load_trained(run: str) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
+    """The model of the latest checkpoint of a `jobs.neural_gpu` run folder (path or URI), and its config.
+    A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
+    from distmem import checkpoints  # noqa: PLC0415
+    from distmem.cli import from_dict  # noqa: PLC0415
+    from distmem.runs import RunStore  # noqa: PLC0415
+
+    store = RunStore(str(run))
+    latest = checkpoints.latest(store)
+    if latest is None:
+        raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
+    payload = checkpoints.load(store, latest)
+    cfg = from_dict(AlgorithmicRunConfig, payload["config"])
+    model = NeuralGPU(cfg.model_config())
+    model.load_state_dict(payload["model"])
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def answer(model: NeuralGPU, cfg: AlgorithmicRunConfig, lines: list[str]) -> list[str]:
+    """One answer per instance in plain form (`1011+110`; `cab`), each on a tape just long enough."""
+    from distmem.tasks.algorithmic.data import decode, instance_ids, tape_length, vocabulary  # noqa: PLC0415
+
+    vocab = vocabulary(cfg.task, cfg.symbols)
+    out = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        try:
+            src, _ = instance_ids(cfg.task, text, tape_length(cfg.task, text), vocab)
+        except ValueError as err:
+            raise ValueError(f"line {number}: {err}") from None
+        tokens, _ = model.greedy(torch.tensor([src]))
+        out.append(decode(cfg.task, tokens[0].tolist(), vocab))
+    return out

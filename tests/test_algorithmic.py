@@ -1,0 +1,153 @@
+"""The Neural GPU's algorithmic tasks: seeded generators whose answers Python's own arithmetic
+and sorting confirm, the plain text form both ways, the curriculum, and a short resumed run that
+equals an uninterrupted one."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_training import assert_resume_equals_uninterrupted
+
+from distmem.tasks.algorithmic import AlgorithmicRunConfig, AlgorithmicTask
+from distmem.tasks.algorithmic.data import (
+    BLANK,
+    TASKS,
+    Curriculum,
+    batch,
+    decode,
+    encode,
+    instance_ids,
+    random_instance,
+    solve,
+    vocabulary,
+)
+from distmem.tasks.algorithmic.task import answer, load_trained
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("task", ["badd", "bmul"])
+def test_binary_instances_are_right_by_python_arithmetic(task):
+    vocab = vocabulary(task)
+    rng = np.random.default_rng(0)
+    for length in (3, 4, 9, 20, 41):
+        src, tgt = batch(task, length, 20, rng)
+        assert src.shape == tgt.shape == (20, length)
+        k = (length - 1) // 2
+        for row_in, row_out in zip(src.tolist(), tgt.tolist()):
+            digits = [vocab.inputs[i - 1] for i in row_in if i]
+            op = digits[k]
+            a = int("".join(digits[:k])[::-1], 2)       # least significant bit first on the tape
+            b = int("".join(digits[k + 1:])[::-1], 2)
+            want = a + b if task == "badd" else a * b
+            assert op == ("+" if task == "badd" else "*")
+            got = sum(2 ** i * (v - 2) for i, v in enumerate(row_out) if v >= 2)
+            assert got == want
+            n_bits = sum(1 for v in row_out if v >= 2)
+            assert row_out[n_bits:] == [BLANK] * (length - n_bits) and n_bits == len(format(want, "b"))
+    again = [batch(task, 9, 5, np.random.default_rng(3))[0] for _ in range(2)]
+    assert np.array_equal(*again)
+
+
+@pytest.mark.parametrize("task", ["rev", "copy", "sort"])
+def test_symbol_instances_are_right(task):
+    rng = np.random.default_rng(1)
+    vocab = vocabulary(task, symbols=5)
+    src, tgt = batch(task, 12, 10, rng, symbols=5)
+    for row_in, row_out in zip(src.tolist(), tgt.tolist()):
+        x = [vocab.inputs[i - 1] for i in row_in]
+        y = [vocab.outputs[i - 2] for i in row_out]
+        assert y == {"rev": x[::-1], "copy": x, "sort": sorted(x)}[task]
+        assert set(x) <= set("abcde")
+
+
+def test_the_plain_form_both_ways():
+    assert solve("badd", "1011+110") == "10001" and solve("bmul", "1011*110") == format(11 * 6, "b")
+    assert solve("badd", "0+0") == "0" and solve("rev", "abc") == "cba" and solve("sort", "cab") == "abc"
+    vocab = vocabulary("badd")
+    inp, out = instance_ids("badd", "1011+110", 9, vocab)
+    assert [vocab.inputs[i - 1] for i in inp if i] == list("1101+0110")  # both 4 bits, LSB first
+    assert decode("badd", out, vocab) == "10001"
+    assert decode("badd", [BLANK] * 4, vocab) == "0"
+    for task in TASKS:
+        text = random_instance(task, 11, np.random.default_rng(2))
+        v = vocabulary(task)
+        _, out = instance_ids(task, text, 11, v)
+        assert decode(task, out, v) == solve(task, text)
+    for bad in ("1011-110", "10a+1", "+1", "1011+"):
+        with pytest.raises(ValueError, match="badd: expected two binary numbers"):
+            encode("badd", bad, vocab)
+    with pytest.raises(ValueError, match="symbols"):
+        encode("rev", "abz", vocabulary("rev", 4))
+    with pytest.raises(ValueError, match="task: expected one of"):
+        vocabulary("mul")
+
+
+def test_the_curriculum_grows_to_its_longest_and_draws_within_bounds():
+    c = Curriculum(start=3, longest=20, every=100)
+    assert [c.longest_at(s) for s in (0, 99, 100, 1700, 5000)] == [3, 3, 4, 20, 20]
+    rng = np.random.default_rng(0)
+    drawn = [c.length_at(1000, rng) for _ in range(500)]
+    assert min(drawn) == 3 and max(drawn) == 13
+    with pytest.raises(ValueError, match="curriculum"):
+        Curriculum(start=30, longest=20)
+
+
+def test_the_task_resumed_equals_uninterrupted(tmp_path):
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=4, batch_size=4, curriculum_every=1,
+                               max_length=7, eval_every=2, eval_instances=8, log_every=1, checkpoint_every=2,
+                               grad_noise=0.01)
+    saved = assert_resume_equals_uninterrupted(lambda: AlgorithmicTask(cfg), tmp_path)
+    assert [e["step"] for e in saved["evals"]] == [2, 4]
+    assert [c["length"] for c in saved["curve"]] == [  # the curriculum's draws, replayed from the seeds
+        Curriculum(3, 7, 1).length_at(s, np.random.default_rng([0, 0, s])) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run folder as jobs.neural_gpu leaves it (a few steps of a small model, no Ray)."""
+    from distmem.runs import RunStore
+    from distmem.training import fit_local
+    run = tmp_path_factory.mktemp("ngpu")
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=2, batch_size=4, max_length=7,
+                               eval_every=0, checkpoint_every=2)
+    fit_local(AlgorithmicTask(cfg), RunStore(run))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    return run
+
+
+def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_path):
+    (tmp_path / "in.txt").write_text("1011+110\n1+1\n\n111111111111111111111111111111+1\n")
+    out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu_answer", str(trained_run), "--input",
+                          str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    answers = (tmp_path / "out.txt").read_text().splitlines()
+    assert len(answers) == 3 and all(set(a) <= {"0", "1"} and (a == "0" or a[0] == "1") for a in answers)
+    model, cfg = load_trained(str(trained_run))
+    assert answers == answer(model, cfg, ["1011+110", "1+1", "111111111111111111111111111111+1"])
+    (tmp_path / "bad.txt").write_text("1011+110\n10x1+1\n")
+    out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu_answer", str(trained_run), "--input",
+                          str(tmp_path / "bad.txt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "line 2" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu_answer", str(tmp_path), "--input",
+                          str(tmp_path / "in.txt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a jobs.neural_gpu run folder" in out.stderr
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(tmp_path):
+    """Ray Train (2 trainers), the generalisation test, metrics.json and the plot."""
+    out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu", "--preset", "quick", "--storage", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert sorted(map(int, metrics["sequence_accuracy"])) == [8, 16]
+    assert all(0 <= a <= 100 for a in metrics["sequence_accuracy"].values())
+    assert [e["step"] for e in metrics["evals"]] == [10, 20] and metrics["curve"][-1]["step"] == 20
+    assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout

@@ -1,0 +1,130 @@
+"""The (Extended) Neural GPU: the CGRU against a hand-computed case, the cut-off sigmoid, shapes,
+incremental decoding against the teacher-forced pass, and where the memory is queried and where
+its value lands on the output tape (with 1x1 kernels positions do not mix, so a shift by one
+shows)."""
+
+import math
+
+import pytest
+import torch
+
+from distmem import LocalMemory, MemoryConfig
+from distmem.models.neural_gpu import CGRU, NeuralGPU, NeuralGPUConfig, cutoff_sigmoid
+
+IN, OUT = 6, 7
+
+
+def model(seed=0, **kw) -> NeuralGPU:
+    torch.manual_seed(seed)
+    return NeuralGPU(NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, nmaps=8, height=2, **kw)).eval()
+
+
+def tokens(b, n, vocab, seed=0):
+    return torch.randint(1, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_cutoff_sigmoid_reaches_0_and_1_and_is_1_2_sigmoid_minus_0_1_between():
+    x = torch.tensor([-10.0, -1.0, 0.0, 1.0, 10.0])
+    y = cutoff_sigmoid(x)
+    assert y[0] == 0.0 and y[-1] == 1.0 and y[2] == 0.5
+    torch.testing.assert_close(y[1:4], 1.2 * torch.sigmoid(x[1:4]) - 0.1)
+    torch.testing.assert_close(cutoff_sigmoid(x, 1.0), torch.sigmoid(x))
+
+
+def test_a_cgru_cell_by_hand():
+    """One channel, 1x1 kernels: u = σ'(a s + b), r = σ'(c s + d), s' = u s + (1 - u) tanh(e r s + f)."""
+    cell = CGRU(1, kernel=1)
+    a, b, c, d, e, f = 0.5, 0.2, -1.0, 0.3, 2.0, -0.1
+    with torch.no_grad():
+        cell.gates.weight.copy_(torch.tensor([a, c]).view(2, 1, 1, 1))
+        cell.gates.bias.copy_(torch.tensor([b, d]))
+        cell.candidate.weight.fill_(e)
+        cell.candidate.bias.fill_(f)
+    s = torch.tensor([0.7, -0.4, 1.5]).view(1, 1, 1, 3)
+    out = cell(s).flatten().tolist()
+    for x, y in zip(s.flatten().tolist(), out):
+        u = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(a * x + b))) - 0.1))
+        r = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(c * x + d))) - 0.1))
+        assert y == pytest.approx(u * x + (1 - u) * math.tanh(e * r * x + f), abs=1e-6)
+    tape = torch.randn(2, 8, 3, 5)
+    assert CGRU(8)(tape).shape == tape.shape and CGRU(8, extra=8)(tape, torch.randn(2, 8, 3, 5)).shape == tape.shape
+
+
+def test_shapes_and_errors():
+    src, tgt = tokens(3, 5, IN), tokens(3, 5, OUT, seed=1)
+    plain = model()
+    out = plain(src, tgt)
+    assert out.logits.shape == (3, 5, OUT) and torch.isfinite(out.ce) and out.read is None
+    assert torch.equal(plain.greedy(src)[0], out.logits.argmax(-1))
+    ext = model(extended=True)
+    assert ext(src, tgt[:, :4]).logits.shape == (3, 4, OUT)
+    with pytest.raises(ValueError, match="at most 5 positions"):
+        ext(src, tokens(3, 6, OUT))
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 6\)"):
+        ext(src + 1, tgt)
+    with pytest.raises(TypeError, match="int64"):
+        ext(src.float(), tgt)
+    with pytest.raises(ValueError, match="extended"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, use_memory=True)
+    with pytest.raises(ValueError, match="kernel"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, kernel=2)
+
+
+def _memory(size=64, k=4) -> LocalMemory:
+    return LocalMemory(MemoryConfig(size=size, key_dim=8, k=k, age_noise=0.0), device="cpu")
+
+
+def test_step_by_step_decoding_equals_the_teacher_forced_pass():
+    net = model(extended=True, use_memory=True)
+    src, tgt = tokens(4, 6, IN, seed=2), tokens(4, 6, OUT, seed=3)
+    mem = _memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(30, 8), dim=-1), torch.randint(1, OUT, (30,)))
+    teacher = net(src, tgt, mem)
+    _, logits = net.greedy(src, length=6, memory=mem, forced=tgt)
+    torch.testing.assert_close(logits, teacher.logits, rtol=1e-5, atol=1e-5)
+    assert (teacher.value[:, 1:] >= 0).all() and (teacher.value[:, 0] == -1).all()  # output 0: no memory value
+    free, _ = net.greedy(src, length=6, memory=mem)
+    assert torch.equal(free[:, 0], teacher.logits[:, 0].argmax(-1))  # the first step depends on nothing decided
+
+
+class RecordingMemory(LocalMemory):
+    """A LocalMemory that keeps every query it answers."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.asked: list[torch.Tensor] = []
+
+    def query(self, q, k=None):
+        self.asked.append(q.detach().clone())
+        return super().query(q, k)
+
+
+def test_the_memory_is_queried_at_the_next_position_and_its_value_lands_there():
+    """With 1x1 kernels a tape position never sees its neighbours, so (1) the query of decoder
+    step t depends on the input at position t + 1 only, and (2) a memory value that only the query
+    of position j finds changes the logits of output j only."""
+    net = model(extended=True, use_memory=True, kernel=1)
+    src, tgt = tokens(1, 6, IN, seed=4), tokens(1, 6, OUT, seed=5)
+    mem = RecordingMemory(MemoryConfig(size=64, key_dim=8, k=1, age_noise=0.0), device="cpu")
+    net(src, tgt, mem)
+    asked = torch.cat(mem.asked)  # (5, 8): steps 0..4 ask for positions 1..5
+    assert asked.shape == (5, 8)
+    for j in range(1, 6):
+        changed = src.clone()
+        changed[0, j] = changed[0, j] % (IN - 1) + 1
+        mem.asked.clear()
+        net(changed, tgt, mem)
+        moved = (torch.cat(mem.asked) - asked).abs().sum(1) > 1e-6
+        assert moved.tolist() == [t + 1 == j for t in range(5)], j
+    def with_labels(labels):  # a memory holding each asked query with its own label
+        mem = _memory(k=1)
+        mem.step(asked, torch.tensor(labels))
+        return net(src, tgt, mem)
+
+    base = with_labels([1] * 5)
+    assert (base.value[0, 1:] == 1).all()
+    for j in range(1, 6):
+        out = with_labels([OUT - 1 if t + 1 == j else 1 for t in range(5)])  # position j's value only differs
+        assert out.value[0].tolist() == [-1] + [OUT - 1 if i == j else 1 for i in range(1, 6)]
+        differs = (out.logits - base.logits).abs().amax(-1)[0] > 1e-6
+        assert differs.tolist() == [i == j for i in range(6)], j
