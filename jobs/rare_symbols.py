@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from distmem import LocalMemory, checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
-from distmem.models.seq2seq import Seq2Seq
 from distmem.plots import line_plot
 from distmem.runs import RunStore
 from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig, RareSymbolsTask
@@ -92,7 +91,7 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
     protocol_seconds: dict[str, float] = {}
     for variant, use_memory in VARIANTS.items():
         t0 = time.time()
-        model = Seq2Seq(cfg.model_config(use_memory))
+        model = cfg.build_model(use_memory)
         model.load_state_dict(trained[variant]["model"])
         memory = trained_memory(cfg, RunStore(store.location(variant)), latest[variant]) if use_memory else None
         with tqdm(total=len(stream), desc=f"test protocol ({variant})", unit="step",
@@ -106,7 +105,8 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
                "results": results, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "protocol_seconds": protocol_seconds,
                "rare_training_symbols_used_up_at_step": trained["memory"]["summary"].get("rare_exhausted_at"),
-               "memory_gain": math.exp(float(trained["memory"]["model"]["memory_log_gain"])),
+               "memory_gain": (math.exp(float(trained["memory"]["model"]["memory_log_gain"]))
+                               if "memory_log_gain" in trained["memory"]["model"] else None),
                "curves": {variant: t["curve"] for variant, t in trained.items()}}
     store.write_text("metrics.json", json.dumps(metrics, indent=1))
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distmem import LocalMemory
 from distmem.stats import wilson_interval
+from distmem.tasks.rare_symbols import RareSymbolRunConfig
 from distmem.tasks.rare_symbols.data import ProbeStream, RareSymbolTask, TrainingStream
-from distmem.tasks.rare_symbols.protocol import ProbeResult, summarize
+from distmem.tasks.rare_symbols.protocol import ProbeResult, run_protocol, summarize
 from distmem.tasks.rare_symbols.training import to_tensors
 
 ROOT = Path(__file__).parents[1]
@@ -123,6 +125,21 @@ def test_teacher_forcing_tensors_and_the_summary_of_probes():
     assert wilson_interval(512, 512)[0] == pytest.approx(100 * 512 / (512 + 1.96 ** 2))  # the closed form at p = 1
     lo, hi = wilson_interval(30, 100)
     assert lo < 30 < hi and hi - lo == pytest.approx(17.7, abs=0.1)
+
+
+def test_the_protocol_with_the_extended_neural_gpu_reads_and_writes_its_memory():
+    """The protocol's two model paths on the Extended Neural GPU: probes decoded with the memory,
+    then each step's traffic written (one memory step per stream step)."""
+    cfg = RareSymbolRunConfig(model="neural_gpu", nmaps=8, memory_size=512, k=8, gaps=(1, 3), symbols_per_gap=4)
+    torch.manual_seed(0)
+    model = cfg.build_model(use_memory=True)
+    memory = LocalMemory(cfg.memory_config(), device="cpu")
+    stream = ProbeStream(cfg.task(), 4, cfg.gaps, symbols_per_gap=4)
+    results = run_protocol(model, memory, cfg.task(), stream)
+    assert memory.step_count == len(stream) and (memory.values >= 0).sum() > 0
+    assert all(results[g]["probes"] == 4 for g in ("1", "3"))
+    baseline = run_protocol(cfg.build_model(use_memory=False), None, cfg.task(), stream)
+    assert all(baseline[g]["probes"] == 4 for g in ("1", "3"))
 
 
 @pytest.mark.slow  # about 1.5 minutes on 2 cores

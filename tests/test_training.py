@@ -118,10 +118,10 @@ def test_omniglot_evaluations_change_neither_the_memory_nor_the_training(mode, t
     assert int(memory_a["step"]) == (4 * 6 if mode == "lifelong" else 6)
 
 
-@pytest.mark.parametrize("use_memory", [True, False])
-def test_rare_symbols_interrupted_and_resumed_equals_uninterrupted(use_memory, tmp_path):
-    cfg = RareSymbolRunConfig(workers=1, shards=1, steps=4, batch_size=4, memory_size=512, k=16, log_every=1,
-                              checkpoint_every=2)
+@pytest.mark.parametrize("use_memory,model", [(True, "tiny"), (False, "tiny"), (True, "neural_gpu")])
+def test_rare_symbols_interrupted_and_resumed_equals_uninterrupted(use_memory, model, tmp_path):
+    cfg = RareSymbolRunConfig(model=model, nmaps=8, workers=1, shards=1, steps=4, batch_size=4, memory_size=512,
+                              k=16, log_every=1, checkpoint_every=2)
     saved = assert_resume_equals_uninterrupted(lambda: RareSymbolsTask(cfg, use_memory), tmp_path)
     assert [c["step"] for c in saved["curve"]] == [1, 2, 3, 4]
 

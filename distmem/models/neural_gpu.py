@@ -213,6 +213,15 @@ class NeuralGPU(nn.Module):
             read = memory.read(torch.cat(queries), torch.cat(labels))
         return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value)
 
+    @torch.no_grad()
+    def teacher_forced_queries(self, src: Tensor, tgt: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
+        """The memory's queries [N, m] and labels [N] of a teacher-forced pass that reads `memory`
+        (the queries depend on the values read before them), without a gradient: for writing traffic."""
+        out = self(src, tgt, memory)
+        if out.read is None:
+            raise ValueError("teacher_forced_queries: the model has no memory or the targets are one long")
+        return out.read.query, out.read.labels
+
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
     def greedy(self, src: Tensor, length: int | None = None, memory: Memory | None = None,

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import nn
+
 from distmem.cli import check_fields, option
 from distmem.config import MemoryConfig
-from distmem.models.seq2seq import MODEL_PRESETS, Seq2SeqConfig
+from distmem.models.neural_gpu import NeuralGPU, NeuralGPUConfig
+from distmem.models.seq2seq import MODEL_PRESETS, Seq2Seq, Seq2SeqConfig
 from distmem.tasks.rare_symbols.data import RareSymbolTask
 
 
@@ -16,7 +19,9 @@ class RareSymbolRunConfig:
     """Everything a rare-symbol run needs; saved with every checkpoint (config.json in the run folder)."""
 
     preset: str = option("default", "the preset this config started from")
-    model: Literal["tiny", "small", "gnmt"] = option("tiny", "model size (distmem.models.seq2seq.MODEL_PRESETS)")
+    model: Literal["tiny", "small", "gnmt", "neural_gpu"] = option(
+        "tiny", "the GNMT-style seq2seq's size (models.seq2seq.MODEL_PRESETS) or the Extended Neural GPU")
+    nmaps: int = option(64, "neural_gpu: channels of the tape (also the memory's key size)")
     workers: int = option(2, "data-parallel trainers (Ray Train)")
     cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
     threads: int = option(0, "torch threads per trainer (0: its CPUs)")
@@ -39,8 +44,10 @@ class RareSymbolRunConfig:
         check_fields(self, at_least_one=("workers", "shards", "steps", "batch_size", "memory_size", "k", "log_every",
                                          "checkpoint_every"),
                      non_negative=("cpus_per_worker", "threads", "symbols_per_gap"), positive_finite=("lr",))
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"--model: expected one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
+        if self.nmaps < 2:
+            raise ValueError(f"--nmaps: expected >= 2, got {self.nmaps}")
+        if self.model not in (*MODEL_PRESETS, "neural_gpu"):
+            raise ValueError(f"--model: expected one of {sorted(MODEL_PRESETS)} or neural_gpu, got {self.model!r}")
         if not self.gaps or min(self.gaps) < 1:
             raise ValueError(f"--gaps: expected comma-separated steps >= 1 such as 1,100,1000, got {self.gaps!r}")
         self.memory_config()
@@ -48,16 +55,24 @@ class RareSymbolRunConfig:
     def task(self) -> RareSymbolTask:
         return RareSymbolTask(seed=self.seed)
 
-    def model_config(self, use_memory: bool) -> Seq2SeqConfig:
+    def model_config(self, use_memory: bool) -> Seq2SeqConfig | NeuralGPUConfig:
         """The network (the same for the runs with and without memory, but the memory's parts)."""
         task = self.task()
+        if self.model == "neural_gpu":  # output i under input i: the tape needs no BOS / EOS
+            return NeuralGPUConfig(in_vocab=task.vocab + 1, out_vocab=task.target_vocab, nmaps=self.nmaps,
+                                   extended=True, use_memory=use_memory)
         return Seq2SeqConfig(src_vocab=task.vocab + 1, tgt_vocab=task.target_vocab, bos=task.bos, eos=task.eos,
                              use_memory=use_memory, **MODEL_PRESETS[self.model])
 
+    def build_model(self, use_memory: bool) -> nn.Module:
+        """A freshly initialised `Seq2Seq` or `NeuralGPU` (seed the RNG first for a reproducible one)."""
+        cfg = self.model_config(use_memory)
+        return NeuralGPU(cfg) if isinstance(cfg, NeuralGPUConfig) else Seq2Seq(cfg)
+
     def memory_config(self) -> MemoryConfig:
-        """The life-long memory: key size = the model's hidden size."""
-        return MemoryConfig(size=self.memory_size, key_dim=MODEL_PRESETS[self.model]["hidden"], k=self.k,
-                            age_noise=self.age_noise, seed=self.seed)
+        """The life-long memory: key size = the model's hidden size (the Neural GPU's channels)."""
+        key_dim = self.nmaps if self.model == "neural_gpu" else MODEL_PRESETS[self.model]["hidden"]
+        return MemoryConfig(size=self.memory_size, key_dim=key_dim, k=self.k, age_noise=self.age_noise, seed=self.seed)
 
 
 PRESETS: dict[str, dict] = {
@@ -66,6 +81,8 @@ PRESETS: dict[str, dict] = {
                   checkpoint_every=10),
     # the measured run: within 45 minutes on 2 CPU cores, both models and the whole protocol
     "default": dict(steps=700),
+    # the Extended Neural GPU on the same task (it re-runs its CGRUs over the tape at every output step)
+    "neural_gpu": dict(model="neural_gpu", steps=700),
     # GNMT sizes (a GPU job)
     "gnmt": dict(model="gnmt", steps=50000, batch_size=128, memory_size=1_048_576, lr=2e-4, checkpoint_every=2000),
 }

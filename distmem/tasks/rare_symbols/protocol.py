@@ -1,4 +1,4 @@
-"""The test protocol of `shared/docs/rare-symbol-task.md` for a sequence-to-sequence model.
+"""The test protocol of `shared/docs/rare-symbol-task.md` for the seq2seq model or the Extended Neural GPU.
 
 `run_protocol`: the `ProbeStream` is played through the memory. At each step the probe sequences
 of that step are first decoded greedily (the memory read, not written); then the whole step
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from distmem.memory import Memory
+from distmem.models.neural_gpu import NeuralGPU
 from distmem.models.seq2seq import Seq2Seq
 from distmem.stats import wilson_interval
 from distmem.tasks.rare_symbols.data import ProbeStream, RareSymbolTask, StreamBatch
@@ -37,11 +38,14 @@ class ProbeResult:
     exact: bool
 
 
-def _score_probes(task: RareSymbolTask, model: Seq2Seq, memory, batch: StreamBatch, rows: np.ndarray,
+def _score_probes(task: RareSymbolTask, model: Seq2Seq | NeuralGPU, memory, batch: StreamBatch, rows: np.ndarray,
                   gaps: dict[int, int], device) -> list[ProbeResult]:
     t = to_tensors(task, batch.inputs[rows], device)
-    decoded = model.greedy(t.src, memory, max_len=task.length + 1)
     L = task.length
+    if isinstance(model, NeuralGPU):
+        decoded = model.greedy(t.src, L, memory)[0]
+    else:
+        decoded = model.greedy(t.src, memory, max_len=L + 1)
     decoded = torch.nn.functional.pad(decoded, (0, max(0, L - decoded.shape[1])))[:, :L].cpu().numpy()
     gold = t.tgt_out[:, :L].cpu().numpy()
     right = decoded == gold
@@ -56,7 +60,7 @@ def _score_probes(task: RareSymbolTask, model: Seq2Seq, memory, batch: StreamBat
 
 
 @torch.no_grad()
-def run_protocol(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, stream: ProbeStream,
+def run_protocol(model: Seq2Seq | NeuralGPU, memory: Memory | None, task: RareSymbolTask, stream: ProbeStream,
                  progress: Callable[[int], None] | None = None, probe_batch: int = 256) -> dict[str, dict[str, float]]:
     """The test protocol on `stream` for a model with `memory` (written as it goes) or without
     (memory None: its probes only, decoded probe_batch at a time after the stream). Returns per
@@ -76,8 +80,11 @@ def run_protocol(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, st
             stateless.append(StreamBatch(*(a[probes] for a in (batch.inputs, batch.rare_pos, batch.rare, batch.kind))))
         if use_memory:  # the whole step is written with its labels (no gradient step, no recent slots)
             t = to_tensors(task, batch.inputs, device)
-            queries = model.teacher_forced_queries(t.src, t.tgt_in).flatten(0, 1)
-            memory.write(memory.query(queries, k=1), t.tgt_out.flatten())  # the update needs the nearest slot only
+            if isinstance(model, NeuralGPU):
+                queries, labels = model.teacher_forced_queries(t.src, t.tgt_out[:, :-1], memory)
+            else:
+                queries, labels = model.teacher_forced_queries(t.src, t.tgt_in).flatten(0, 1), t.tgt_out.flatten()
+            memory.write(memory.query(queries, k=1), labels)  # the update needs the nearest slot only
         if progress is not None:
             progress(step + 1)
     if stateless:  # a model without state decodes a probe the same at any step: in large batches

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from distmem.memory import Memory
-from distmem.models.seq2seq import Seq2Seq
 from distmem.tasks.rare_symbols.config import RareSymbolRunConfig
 from distmem.tasks.rare_symbols.data import StreamBatch, TrainingStream
 from distmem.tasks.rare_symbols.training import train_step
@@ -43,11 +42,11 @@ class RareSymbolsTask:
     def data(self) -> ParquetSource | None:
         return None
 
-    def build(self) -> tuple[Seq2Seq, torch.optim.Optimizer]:
+    def build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
-        model = Seq2Seq(self.config.model_config(self.use_memory))
+        model = self.config.build_model(self.use_memory)
         return model, torch.optim.Adam(model.parameters(), lr=self.config.lr, eps=1e-4)
 
     def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[StreamBatch]:

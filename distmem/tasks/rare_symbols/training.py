@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from distmem.memory import Memory
+from distmem.models.neural_gpu import NeuralGPU
 from distmem.models.seq2seq import Seq2Seq
 from distmem.tasks.rare_symbols.data import RareSymbolTask, StreamBatch
 
@@ -35,7 +36,7 @@ def to_tensors(task: RareSymbolTask, inputs: np.ndarray, device: torch.device | 
     return Seq2SeqBatch(src, torch.cat([bos, y], 1), torch.cat([y, eos], 1))
 
 
-def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batch: StreamBatch,
+def train_step(model: Seq2Seq | NeuralGPU, memory: Memory | None, task: RareSymbolTask, batch: StreamBatch,
                optimizer: torch.optim.Optimizer, clip_norm: float = 5.0) -> dict[str, float]:
     """One update on a stream batch; writes the batch into `memory` (None: a model without one).
 
@@ -46,23 +47,30 @@ def train_step(model: Seq2Seq, memory: Memory | None, task: RareSymbolTask, batc
     model.train()
     device = next(model.parameters()).device
     t = to_tensors(task, batch.inputs, device)
-    out = model(t.src, t.tgt_in, t.tgt_out, memory)
+    if isinstance(getattr(model, "module", model), NeuralGPU):  # output i under input i: y, no BOS / EOS
+        gold = t.tgt_out[:, :-1]
+        out = model(t.src, gold, memory)
+        pred, mask = out.logits.detach().argmax(-1), torch.ones_like(gold, dtype=torch.bool)
+    else:
+        gold = t.tgt_out
+        out = model(t.src, t.tgt_in, t.tgt_out, memory)
+        pred, mask = out.padded(out.logits.detach().argmax(-1), fill=-1), out.mask  # (B, T)
     optimizer.zero_grad()
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     if out.read is not None:
         memory.write(out.read)
-    pred = out.padded(out.logits.detach().argmax(-1), fill=-1)  # (B, T)
     metrics = {"ce": float(out.ce.detach()),
                "memory_loss": float(out.read.loss.detach()) if out.read is not None else 0.0,
-               "accuracy": float((pred == t.tgt_out)[out.mask].float().mean())}
+               "accuracy": float((pred == gold)[mask].float().mean())}
     returns = np.nonzero(batch.kind == 2)[0]
     if len(returns):
         rows, pos = torch.from_numpy(returns), torch.from_numpy(batch.rare_pos[returns])
-        gold = t.tgt_out[rows, pos]
-        metrics["return_accuracy"] = float((pred[rows, pos] == gold).float().mean())
+        want = gold[rows, pos]
+        metrics["return_accuracy"] = float((pred[rows, pos] == want).float().mean())
         if out.read is not None:  # what the memory itself returned there
-            metrics["return_memory_accuracy"] = float((out.value[rows, pos] == gold).float().mean())
-            metrics["return_confidence"] = float(out.confidence[rows, pos].detach().mean())
+            metrics["return_memory_accuracy"] = float((out.value[rows, pos] == want).float().mean())
+            if hasattr(out, "confidence"):  # the seq2seq model scales the value's embedding by it
+                metrics["return_confidence"] = float(out.confidence[rows, pos].detach().mean())
     return metrics
