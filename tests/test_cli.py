@@ -73,7 +73,8 @@ def test_help_shows_every_flag_with_its_choices_and_help_line():
     assert "one sharded memory for all trainers" in out and "(default preset: 180)" in out
     out = " ".join(subprocess.run([sys.executable, "-m", "jobs.rare_symbols", "--help"], cwd=ROOT,
                                   capture_output=True, text=True, check=True).stdout.split())
-    assert "--gaps INT,..." in out and "--model {tiny,small,gnmt}" in out and "(default preset: 1,100,1000,5000)" in out
+    assert "--gaps INT,..." in out and "--model {tiny,small,gnmt,neural_gpu}" in out
+    assert "(default preset: 1,100,1000,5000)" in out
 
 
 @pytest.mark.parametrize("job, argv, message", [
