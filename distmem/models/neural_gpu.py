@@ -188,29 +188,12 @@ class NeuralGPU(nn.Module):
             return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), None, value)
         if tgt is None:
             raise ValueError("tgt: the Extended Neural GPU's teacher-forced pass needs the targets [B, T]")
-        T = tgt.shape[1]
-        d, p = s, torch.zeros_like(s)
-        use_memory = self.cfg.use_memory and memory is not None
-        value = torch.full((B, T), -1, dtype=torch.int64, device=src.device)
-        queries, labels, rows = [], [], []
-        logits = []
-        for t in range(T):
-            if use_memory and t + 1 < T:
-                q = self.queries(d, t + 1)
-                got = memory.query(q.detach()).prediction.to(src.device)
-                value[:, t + 1] = got
-                p = self._place(p, t + 1, self.recalled(got))
-                keep = tgt[:, t + 1] != self.cfg.pad
-                queries.append(q[keep])
-                labels.append(tgt[keep, t + 1])
-                rows.append(keep)
-            d = self._steps(self.decoder, d, p)
-            logits.append(self._logits(d[:, :, 0, t]))
-            p = self._place(p, t, self.target_embed(tgt[:, t]))
-        logits = torch.stack(logits, 1)  # (B, T, V)
+        _, logits, value, queries = self._decode(s, tgt.shape[1], memory, forced=tgt)
         read = None
-        if use_memory and queries:  # one read of every query: the memory loss and the write's plan
-            read = memory.read(torch.cat(queries), torch.cat(labels))
+        if queries is not None:  # one read of every query (step-major): the memory loss and the write's plan
+            labels = tgt[:, 1:].T  # (T - 1, B)
+            keep = labels != self.cfg.pad
+            read = memory.read(queries[keep], labels[keep])
         return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value)
 
     @torch.no_grad()
@@ -237,19 +220,31 @@ class NeuralGPU(nn.Module):
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0, :T].transpose(1, 2))
             return logits.argmax(-1), logits
+        tokens, logits, _, _ = self._decode(s, T, memory, forced)
+        return tokens, logits
+
+    def _decode(self, s: Tensor, T: int, memory: Memory | None,
+                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The extended model's T decoder steps from the encoder's tape s: each output onto p is
+        forced[:, t] (teacher forcing) or the argmax. Returns tokens [B, T], logits [B, T, V], the
+        memory's values [B, T] (-1: none) and its queries [T - 1, B, m] (None without a memory)."""
+        B = s.shape[0]
         d, p = s, torch.zeros_like(s)
         use_memory = self.cfg.use_memory and memory is not None
-        tokens, logits = [], []
+        value = torch.full((B, T), -1, dtype=torch.int64, device=s.device)
+        tokens, logits, queries = [], [], []
         for t in range(T):
             if use_memory and t + 1 < T:
-                got = memory.query(self.queries(d, t + 1)).prediction.to(src.device)
+                q = self.queries(d, t + 1)
+                got = memory.query(q.detach()).prediction.to(s.device)
+                value[:, t + 1] = got
+                queries.append(q)
                 p = self._place(p, t + 1, self.recalled(got))
             d = self._steps(self.decoder, d, p)
             logits.append(self._logits(d[:, :, 0, t]))
-            out = logits[-1].argmax(-1) if forced is None else forced[:, t]
-            tokens.append(out)
-            p = self._place(p, t, self.target_embed(out))
-        return torch.stack(tokens, 1), torch.stack(logits, 1)
+            tokens.append(logits[-1].argmax(-1) if forced is None else forced[:, t])
+            p = self._place(p, t, self.target_embed(tokens[-1]))
+        return torch.stack(tokens, 1), torch.stack(logits, 1), value, torch.stack(queries) if queries else None
 
 
 def _ce(logits: Tensor, tgt: Tensor | None, pad: int) -> Tensor | None:

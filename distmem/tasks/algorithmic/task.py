@@ -12,7 +12,7 @@ import torch
 from distmem.memory import Memory
 from distmem.models.neural_gpu import NeuralGPU
 from distmem.tasks.algorithmic.config import AlgorithmicRunConfig
-from distmem.tasks.algorithmic.data import batch
+from distmem.tasks.algorithmic.data import batch, decode, instance_ids, tape_length, vocabulary
 from distmem.training import MemorySpec, Schedule
 
 
@@ -118,8 +118,6 @@ def load_trained(run: str) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
 @torch.no_grad()
 def answer(model: NeuralGPU, cfg: AlgorithmicRunConfig, lines: list[str]) -> list[str]:
     """One answer per instance in plain form (`1011+110`; `cab`), each on a tape just long enough."""
-    from distmem.tasks.algorithmic.data import decode, instance_ids, tape_length, vocabulary  # noqa: PLC0415
-
     vocab = vocabulary(cfg.task, cfg.symbols)
     out = []
     for number, line in enumerate(lines, 1):
