@@ -4,6 +4,7 @@
     python -m jobs.rare_symbols --preset quick       # a smoke run (CI)
     python -m jobs.rare_symbols --workers 4 --shards 4 --steps 4000   # any number of trainers and shards
     python -m jobs.rare_symbols --resume runs/rare-symbols-...   # continue from the latest checkpoints
+    python -m jobs.rare_symbols --model neural_gpu   # the Extended Neural GPU (its preset: neural_gpu)
 
 Trains both models on the seeded life-long stream with Ray Train (the memory model's memory is a
 `ShardedMemory`, never emptied), then plays the test protocol (rare test symbols never seen in
@@ -56,6 +57,10 @@ def plot_recall(results: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_ngpu = any(a == "--model=neural_gpu" or (a == "--model" and b == "neural_gpu") for a, b in zip(argv, argv[1:] + [""]))
+    if wants_ngpu and not any(a.startswith("--preset") or a.startswith("--resume") for a in argv):
+        argv = ["--preset", "neural_gpu", *argv]  # the default preset's sizes are the seq2seq model's
     cfg, args = parse_run_config(RareSymbolRunConfig, PRESETS, __doc__, argv)
     with user_errors():
         return run(cfg, args)

@@ -50,6 +50,7 @@ class NeuralGPUConfig:
     nconvs: int = 2           # CGRUs per step
     cutoff: float = 1.2       # the gates' cut-off sigmoid: clip(c * sigmoid(x) - (c - 1) / 2, 0, 1)
     dropout: float = 0.0      # on the tape before every step (training only)
+    gate_bias: float = 1.0    # initial bias of the CGRU gates: > 0 starts by keeping the state
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
     pad: int = 0
@@ -86,12 +87,13 @@ class CGRU(nn.Module):
     joined to every convolution's input) -> s' [B, m, h, n]:
     u = σ'(conv_u(s)), r = σ'(conv_r(s)), s' = u * s + (1 - u) * tanh(conv(r * s))."""
 
-    def __init__(self, nmaps: int, kernel: int = 3, cutoff: float = 1.2, extra: int = 0) -> None:
+    def __init__(self, nmaps: int, kernel: int = 3, cutoff: float = 1.2, extra: int = 0,
+                 gate_bias: float = 1.0) -> None:
         super().__init__()
         self.cutoff = cutoff
         self.gates = nn.Conv2d(nmaps + extra, 2 * nmaps, kernel, padding=kernel // 2)  # u, r
         self.candidate = nn.Conv2d(nmaps + extra, nmaps, kernel, padding=kernel // 2)
-        nn.init.constant_(self.gates.bias, 1.0)  # start by keeping the state (the public code's choice)
+        nn.init.constant_(self.gates.bias, gate_bias)  # start by keeping the state (the public code: 1.0)
         nn.init.zeros_(self.candidate.bias)
 
     def forward(self, s: Tensor, extra: Tensor | None = None) -> Tensor:
@@ -124,10 +126,12 @@ class NeuralGPU(nn.Module):
         self.cfg = cfg
         m = cfg.nmaps
         self.embed = nn.Embedding(cfg.in_vocab, m, padding_idx=cfg.pad)
-        self.encoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff) for _ in range(cfg.nconvs))
+        self.encoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, gate_bias=cfg.gate_bias) for _ in range(cfg.nconvs))
         if cfg.extended:
             self.target_embed = nn.Embedding(cfg.out_vocab, m, padding_idx=cfg.pad)  # also the output layer
-            self.decoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, extra=m) for _ in range(cfg.nconvs))
+            nn.init.normal_(self.target_embed.weight, std=m ** -0.5)  # logits of order 1 at the start
+            self.target_embed.weight.data[cfg.pad] = 0
+            self.decoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, extra=m, gate_bias=cfg.gate_bias) for _ in range(cfg.nconvs))
         else:
             self.output = nn.Linear(m, cfg.out_vocab)
         if cfg.use_memory:
