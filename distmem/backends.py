@@ -16,9 +16,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from distmem.config import MemoryConfig
+from distmem.keycodes import decode
 from distmem.topk import merge_topk, ordered_topk, sort_by_score_then_id
 
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("torch", "faiss", "ivf")
 
 
 class BackendUnavailableError(ImportError, ValueError):
@@ -28,6 +30,14 @@ class BackendUnavailableError(ImportError, ValueError):
 class KnnBackend(Protocol):
     name: str
 
+    def reset(self, keys: Tensor) -> None:
+        """The memory's key tensor [N, d] was replaced (cleared, loaded). Exact backends: nothing."""
+        ...
+
+    def update(self, keys: Tensor, local: Tensor) -> None:
+        """Rows local [m] of keys [N, d] were rewritten in place. Exact backends: nothing."""
+        ...
+
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Exact top-k inner products. keys [N, d], queries [B, d] on the keys' device.
 
@@ -36,7 +46,17 @@ class KnnBackend(Protocol):
         ...
 
 
-class TorchExactBackend:
+class _Stateless:
+    """An exact backend reads the keys afresh at every search: nothing to keep current."""
+
+    def reset(self, keys: Tensor) -> None:
+        pass
+
+    def update(self, keys: Tensor, local: Tensor) -> None:
+        pass
+
+
+class TorchExactBackend(_Stateless):
     """Brute force in torch (CPU or CUDA), scored in chunks of `chunk_size` slots with a running
     top-k, so the [B, N] score matrix is never held whole.
 
@@ -58,13 +78,18 @@ class TorchExactBackend:
         self.prune = prune
 
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        queries = queries.to(keys.dtype)
         on_cpu = keys.device.type == "cpu"
+        # 8-bit keys are decoded block by block; so are 16-bit ones on the CPU, whose BLAS has no
+        # fast half-precision product (8x slower than float32, measured); a GPU multiplies them as they are
+        decoded = keys.dtype == torch.int8 or (on_cpu and keys.dtype != torch.float32)
+        queries = queries.float() if decoded else queries.to(keys.dtype)
         prune = on_cpu if self.prune is None else self.prune
         few = on_cpu and queries.shape[0] <= self.FEW_QUERIES
         chunk = self.chunk_size or (65536 if not on_cpu else 8192 if few else 2048)
 
         def scores_of(block: Tensor) -> Tensor:  # (B, C) float32
+            if decoded:
+                block = decode(block)
             return ((block @ queries.T).T if few else queries @ block.T).float()
 
         first = max(chunk, k)  # the first block fills the running top-k
@@ -115,7 +140,7 @@ def _import_faiss():
     return faiss
 
 
-class FaissBackend:
+class FaissBackend(_Stateless):
     """faiss brute-force inner-product search (`faiss.knn`, the kernel of IndexFlatIP) on CPU,
     and `faiss.knn_gpu` on CUDA when the installed faiss has GPU support."""
 
@@ -158,10 +183,16 @@ class FaissBackend:
         return sims, ids
 
 
-def make_backend(backend: str, device: torch.device, chunk_size: int | None = None) -> KnnBackend:
-    """Backend by name ("torch" | "faiss") for keys living on `device`."""
+def make_backend(backend: str, device: torch.device, chunk_size: int | None = None,
+                 config: MemoryConfig | None = None, n: int | None = None) -> KnnBackend:
+    """Backend by name ("torch" | "faiss" exact, "ivf" approximate: needs the memory's config and
+    the shard's slot count n) for keys living on `device`."""
     if backend == "torch":
         return TorchExactBackend(chunk_size)
     if backend == "faiss":
         return FaissBackend(device, chunk_size)
+    if backend == "ivf":
+        from distmem.ivf import IvfBackend  # noqa: PLC0415 - it imports this module
+
+        return IvfBackend(config, n, device)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-KEY_DTYPES = ("float32", "float16", "bfloat16")
+KEY_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,12 @@ class MemoryConfig:
     seed: seed of the age-noise generator.
     chunk_size: slots scored per block by the exact torch search (bounds the B x chunk buffer);
         None picks 2048 on CPU (cache-sized) and 65536 on CUDA.
-    key_dtype: storage type of the keys ("float32"; "float16"/"bfloat16" for GPU memories).
+    key_dtype: storage type of the keys ("float32"; "float16"/"bfloat16": half the bytes; "int8":
+        a quarter, scalar-quantised, see distmem.keycodes).
+    ivf_lists, ivf_probe: the approximate backend's (backend="ivf") inverted lists per shard
+        (0: about 4 sqrt(slots)) and the lists each query scans.
+    ivf_train_after, ivf_retrain_every: train its centroids after this many slot writes (x the
+        shard's slots) and re-train after every further ivf_retrain_every x slots (0: never).
     """
 
     size: int
@@ -30,6 +35,10 @@ class MemoryConfig:
     seed: int = 0
     chunk_size: int | None = None
     key_dtype: str = "float32"
+    ivf_lists: int = 0
+    ivf_probe: int = 32
+    ivf_train_after: float = 0.5
+    ivf_retrain_every: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("size", "key_dim", "k", "seed", "chunk_size"):
@@ -38,6 +47,15 @@ class MemoryConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"MemoryConfig.{name} must be an int, got {value!r}")
+        for name in ("ivf_lists", "ivf_probe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "ivf_lists" else 1):
+                raise ValueError(f"MemoryConfig.{name} must be an int >= {0 if name == 'ivf_lists' else 1}, "
+                                 f"got {value!r}")
+        for name in ("ivf_train_after", "ivf_retrain_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"MemoryConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("size", "key_dim", "k", "chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"MemoryConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -17,10 +17,9 @@ from torch import Tensor
 from distmem import rules, storage
 from distmem.backends import make_backend
 from distmem.config import MemoryConfig
+from distmem.keycodes import DTYPES, decode, encode
 from distmem.rules import ShardWrite
 from distmem.validation import check_state
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class MemoryShard:
@@ -39,7 +38,7 @@ class MemoryShard:
             raise ValueError(f"key_dtype={config.key_dtype!r} needs backend='torch'; faiss searches float32 keys")
         self.config, self.lo, self.hi, self.n = config, lo, hi, hi - lo
         self.device = torch.device(device)
-        self.backend = make_backend(backend, self.device, config.chunk_size)
+        self.backend = make_backend(backend, self.device, config.chunk_size, config, hi - lo)
         self.storage_dir = Path(storage_dir) if storage_dir is not None else None
         self.snapshot_every = snapshot_every
         self.generation = 0  # changed by every clear / load: a read of an older generation is stale
@@ -65,6 +64,7 @@ class MemoryShard:
         self.last_write = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.step = 0
         self.recent = rules.RecentSlots(self.device)
+        self.backend.reset(self.keys)
         if persist and self.storage_dir is not None:
             self._drop_logs()
             (self.storage_dir / "snapshot.arrow").unlink(missing_ok=True)
@@ -73,9 +73,11 @@ class MemoryShard:
         """On the CPU: keys [n, d], values [n], ages [n], step, recent_labels/slots/seqs [L].
         copy=False may return views of the live tensors (for writing them out at once)."""
         keys, values = self.keys.cpu(), self.values.cpu()
-        return {"keys": keys.clone() if copy else keys, "values": values.clone() if copy else values,
-                "ages": (self.step - self.last_write).cpu(), "step": torch.tensor(self.step),
-                **self.recent.state()}
+        if keys.dtype == torch.int8:  # the state holds float keys; decoding makes a fresh tensor
+            keys = decode(keys)
+        return {"keys": keys.clone() if copy and keys is self.keys else keys,
+                "values": values.clone() if copy else values, "ages": (self.step - self.last_write).cpu(),
+                "step": torch.tensor(self.step), **self.recent.state()}
 
     def load_state(self, state: dict[str, Tensor], persist: bool = True, copy: bool = True) -> None:
         """Replace the state of this range: keys [n, d], values [n], ages [n], step; recent_* with
@@ -83,7 +85,7 @@ class MemoryShard:
         where it can (the caller gives them up), which spares a copy of the keys."""
         checked = check_state(state, self.n, self.config.key_dim, lo=self.lo)
         step = int(checked["step"])
-        keys = checked["keys"].to(self.device, DTYPES[self.config.key_dtype])
+        keys = encode(checked["keys"].to(self.device), DTYPES[self.config.key_dtype])
         if copy and keys is checked["keys"]:  # never alias the caller's tensor
             keys = keys.clone()
         self.keys = keys.contiguous()
@@ -93,6 +95,7 @@ class MemoryShard:
         self.recent = rules.RecentSlots(self.device)
         if "recent_labels" in checked:
             self.recent.set(*(checked[n].to(self.device) for n in ("recent_labels", "recent_slots", "recent_seqs")))
+        self.backend.reset(self.keys)
         if persist:
             self._snapshot()
 
@@ -130,11 +133,11 @@ class MemoryShard:
         local = torch.where(mine, ids - self.lo, 0)
         weights = torch.where(mine, weights, 0.0)
         if self.keys.dtype != torch.float32:  # small gather instead of a float copy of every key
-            return (weights.unsqueeze(2) * self.keys[local].float()).sum(1)
+            return (weights.unsqueeze(2) * decode(self.keys[local])).sum(1)
         return F.embedding_bag(local, self.keys, per_sample_weights=weights.float(), mode="sum")
 
     def _key(self, local_ids: Tensor) -> Tensor:
-        return self.keys[local_ids].float()
+        return decode(self.keys[local_ids])
 
     # -- write -----------------------------------------------------------------------------------
     def oldest(self, step: int, count: int) -> tuple[Tensor, Tensor]:
@@ -162,7 +165,8 @@ class MemoryShard:
 
     def _apply(self, step: int, write: ShardWrite) -> None:
         local = write.slots.to(self.device) - self.lo
-        self.keys[local] = write.keys.to(self.device, self.keys.dtype)
+        self.keys[local] = encode(write.keys.to(self.device), self.keys.dtype)
+        self.backend.update(self.keys, local)
         self.values[local] = write.values.to(self.device)
         self.step = step + 1
         self.last_write[local] = self.step

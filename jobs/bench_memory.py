@@ -1,10 +1,19 @@
-"""Benchmark: one memory `step` per backend against a bare faiss IndexFlatIP search.
+"""Benchmark: one memory `step` per backend against a bare faiss IndexFlatIP search; or, with
+`--backend`, an approximate backend against the exact one at several sizes.
 
     python -m jobs.bench_memory                      # N=1M, d=128, B=1024, k=256 on CPU
     python -m jobs.bench_memory --device cuda        # the same on a GPU
+    python -m jobs.bench_memory --backend ivf --sizes 1M,4M       # ivf against exact, random keys
+    python -m jobs.bench_memory --backend ivf --sizes 4M --keys runs/rare-symbols-.../memory/checkpoint-...
 
 Prints the median time of each and the median over rounds of the ratio step / bare search; each
 round times every line once, in one process on the same batch, so drift of the machine cancels.
+With `--backend`, per size: the step time of both backends and their ratio, the process's peak
+RSS, recall@1 and recall@k of the approximate search against the exact one on the same keys and
+queries, and the share of predictions that differ. `--keys FILE` takes the keys of a saved
+memory (a trained run's) instead of random ones: each slot is one of its written keys plus a
+little noise, so that any size can be filled with their structure. The queries are stored keys
+plus noise (a memory's reads land near what it stored).
 `--out FILE` also writes the figures as JSON; `--storage DIR|URI` into a new run folder there.
 """
 
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -90,13 +100,113 @@ def problem(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], torch.Te
     return state, q, torch.randint(0, args.size // 4, (args.batch,), generator=g)
 
 
+def parse_size(text: str) -> int:
+    """1M -> 1,048,576; 4k -> 4,096; 5000 -> 5,000."""
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4M, 65536 or 64k, got {text!r}") from None
+
+
+def structured_keys(path: str, size: int, dim: int, noise: float, seed: int) -> torch.Tensor:
+    """size unit keys [size, dim]: written keys of the memory saved at `path`, drawn with
+    replacement, each plus Gaussian noise of norm about `noise`."""
+    source = LocalMemory.from_file(path, device="cpu")
+    state = source.state()
+    written = state["keys"][state["values"] >= 0].float()
+    if written.shape[1] != dim:
+        raise ValueError(f"--keys: {path} holds keys of size {written.shape[1]}, not --dim {dim}")
+    if len(written) == 0:
+        raise ValueError(f"--keys: {path} holds no written slot")
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(size, dim)
+    for start in range(0, size, 1 << 20):
+        n = min(1 << 20, size - start)
+        pick = written[torch.randint(0, len(written), (n,), generator=g)]
+        out[start:start + n] = F.normalize(pick + noise * torch.randn(n, dim, generator=g) / dim ** 0.5, dim=1)
+    return out
+
+
+def random_keys(size: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(size, dim)
+    for start in range(0, size, 1 << 20):
+        n = min(1 << 20, size - start)
+        out[start:start + n] = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    return out
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """The approximate backend against the exact one (torch) at each of args.sizes."""
+    rows = []
+    for size in args.sizes:
+        keys = (structured_keys(args.keys, size, args.dim, 0.1, seed=0) if args.keys
+                else random_keys(size, args.dim, seed=0))
+        g = torch.Generator().manual_seed(1)
+        picked = torch.randint(0, size, (args.batch,), generator=g)
+        q = F.normalize(keys[picked] + args.query_noise * torch.randn(args.batch, args.dim, generator=g)
+                        / args.dim ** 0.5, dim=1)
+        state = {"keys": keys, "values": torch.randint(0, max(1, size // 4), (size,), generator=g),
+                 "ages": torch.randint(0, 10_000, (size,), generator=g)}
+        labels = state["values"][picked]  # the stored slot's label: the reads are mostly hits
+        cfg = MemoryConfig(size=size, key_dim=args.dim, k=args.k, key_dtype=args.key_dtype, ivf_lists=args.lists,
+                           ivf_probe=args.nprobe)
+        memories, rss = {}, {}
+        for name in ("torch", args.backend):
+            t0 = time.perf_counter()
+            memories[name] = LocalMemory(cfg, backend=name, device=args.device)
+            memories[name].load_state(state)
+            rss[name] = {"build_s": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
+        del state, keys
+        exact, approx = memories["torch"].shard.search(q), memories[args.backend].shard.search(q)
+        hit1 = (exact["ids"][:, 0] == approx["ids"][:, 0]).float().mean().item()
+        hitk = sum(len(set(a.tolist()) & set(b.tolist()))
+                   for a, b in zip(exact["ids"], approx["ids"])) / exact["ids"].numel()
+        differ = (memories["torch"].query(q).prediction != memories[args.backend].query(q).prediction).float().mean()
+        timed = interleaved({name: (lambda m=m, q=q, y=labels: m.step(q, y)) for name, m in memories.items()},
+                            args.repeats,
+                            sync=args.device.startswith("cuda"))
+        row = {"size": size, "exact_step_s": timed["torch"]["median_s"],
+               "approx_step_s": timed[args.backend]["median_s"],
+               "speedup": 1 / timed[args.backend]["ratio"], "recall_at_1": hit1, "recall_at_k": hitk,
+               "predictions_differ": float(differ), "lists": memories[args.backend].backend.lists,
+               "nprobe": memories[args.backend].backend.nprobe, "build": rss, "peak_rss_gib": peak_rss_gib()}
+        rows.append(row)
+        print(f"N={size:>11,} exact {row['exact_step_s'] * 1e3:8.0f} ms  {args.backend} "
+              f"{row['approx_step_s'] * 1e3:7.0f} ms  speed-up {row['speedup']:5.1f}x  recall@1 {hit1:.4f}  "
+              f"recall@{args.k} {hitk:.4f}  predictions differ {row['predictions_differ']:.2%}  "
+              f"peak RSS {row['peak_rss_gib']:.1f} GiB  ({row['lists']} lists, nprobe {row['nprobe']}; "
+              f"{args.backend} built in {rss[args.backend]['build_s']:.0f} s)", flush=True)
+        del memories
+    return {"config": vars(args), "sizes": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = problem_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5, help="rounds")
     p.add_argument("--backends", default="torch,faiss")
     p.add_argument("--device", default="cpu")
     p.add_argument("--key-dtype", default="float32")
+    p.add_argument("--backend", default=None, choices=["ivf"], help="compare this approximate backend with the "
+                   "exact one (torch) at each of --sizes")
+    p.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")], default=[1 << 20],
+                   help="with --backend: memory sizes, e.g. 1M,4M,16M")
+    p.add_argument("--keys", default=None, help="with --backend: a saved memory (file or checkpoint folder) whose "
+                   "written keys shape the benchmark's keys (default: uniformly random keys)")
+    p.add_argument("--lists", type=int, default=0, help="ivf lists (0: about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=32, help="ivf lists scanned per query")
+    p.add_argument("--query-noise", type=float, default=0.3, help="norm of the noise added to a stored key to "
+                   "make a query")
     args = p.parse_args(argv)
+    if args.backend:
+        results = compare(args)
+        write_results(args, "bench-memory-" + args.backend, results)
+        return results
 
     import faiss  # the reference every backend is compared with
 

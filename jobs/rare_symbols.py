@@ -58,7 +58,8 @@ def plot_recall(results: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    wants_ngpu = any(a == "--model=neural_gpu" or (a == "--model" and b == "neural_gpu") for a, b in zip(argv, argv[1:] + [""]))
+    wants_ngpu = any(a == "--model=neural_gpu" or (a == "--model" and b == "neural_gpu")
+                     for a, b in zip(argv, argv[1:] + [""]))
     if wants_ngpu and not any(a.startswith("--preset") or a.startswith("--resume") for a in argv):
         argv = ["--preset", "neural_gpu", *argv]  # the default preset's sizes are the seq2seq model's
     cfg, args = parse_run_config(RareSymbolRunConfig, PRESETS, __doc__, argv)

@@ -7,7 +7,7 @@ import torch
 from distmem.backends import FaissBackend, TorchExactBackend, make_backend
 from distmem.topk import ordered_topk
 
-from conftest import unit
+from conftest import state_equal, unit
 
 
 def brute_force(keys: torch.Tensor, queries: torch.Tensor, k: int):
@@ -77,18 +77,27 @@ def test_ordered_topk_breaks_ties_by_lower_index():
     assert idx.tolist() == [[1, 2, 4]] and vals.tolist() == [[3.0, 3.0, 3.0]]
 
 
-@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16"])
-def test_half_precision_keys(key_dtype):
+@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16", "int8"])
+def test_compressed_keys(key_dtype, tmp_path):
     from distmem import LocalMemory, MemoryConfig
+    from distmem.keycodes import DTYPES
     cfg = MemoryConfig(size=400, key_dim=16, k=5, age_noise=0.0, key_dtype=key_dtype)
     mem = LocalMemory(cfg, device="cpu")
-    assert mem.keys.dtype == getattr(torch, key_dtype) and mem.keys.element_size() == 2
-    protos = unit(40, 16, seed=3)  # well separated classes: half precision finds the same neighbours
+    assert mem.keys.dtype == DTYPES[key_dtype] and mem.keys.element_size() == (1 if key_dtype == "int8" else 2)
+    protos = unit(40, 16, seed=3)  # well separated classes: compressed keys find the same neighbours
     mem.step(protos, torch.arange(40))
+    stored = mem.state()["keys"][mem.values >= 0].float()
+    assert (stored - protos[mem.values[mem.values >= 0]]).abs().max() <= (0.5 / 127 if key_dtype == "int8" else 4e-3)
     noisy = torch.nn.functional.normalize(protos + 0.05 * unit(40, 16, seed=4), dim=1)
-    r = mem.step(noisy, torch.arange(40))
-    assert torch.equal(r.prediction, torch.arange(40))
+    exact = LocalMemory(MemoryConfig(size=400, key_dim=16, k=5, age_noise=0.0), device="cpu")
+    exact.step(protos, torch.arange(40))
+    r, want = mem.step(noisy, torch.arange(40)), exact.step(noisy, torch.arange(40))
+    assert torch.equal(r.prediction, torch.arange(40)) and torch.equal(r.ids[:, 0], want.ids[:, 0])
+    assert torch.allclose(r.sims, want.sims, atol=0.02)
     state = mem.state()
-    assert state["keys"].dtype == getattr(torch, key_dtype)
+    assert state["keys"].dtype == (torch.float32 if key_dtype == "int8" else DTYPES[key_dtype])
+    mem.save(tmp_path / "m.arrow")  # the file holds float keys; loading re-encodes them to the same codes
+    back = LocalMemory.from_file(tmp_path / "m.arrow", device="cpu")
+    assert back.config == cfg and torch.equal(back.keys, mem.keys) and state_equal(back.state(), state)
     with pytest.raises(ValueError, match="needs backend='torch'"):
         LocalMemory(cfg, backend="faiss", device="cpu")

@@ -105,7 +105,7 @@ def test_bad_state_is_rejected_without_change(mem):
     (dict(size=10, key_dim=4, k=2, alpha=-1.0), ValueError, "alpha"),
     (dict(size=10, key_dim=4, k=2, age_noise=float("nan")), ValueError, "age_noise"),
     (dict(size=10.0, key_dim=4, k=2), TypeError, "size"),
-    (dict(size=10, key_dim=4, k=2, key_dtype="int8"), ValueError, "key_dtype"),
+    (dict(size=10, key_dim=4, k=2, key_dtype="int4"), ValueError, "key_dtype"),
 ])
 def test_bad_config(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from torch import Tensor
 
 from distmem import merge, storage
+from distmem.backends import BACKENDS
 from distmem.config import MemoryConfig
 from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
 from distmem.memory import MemoryBase
@@ -112,7 +113,7 @@ class ShardActor:
     def __init__(self, config: MemoryConfig, lo: int, hi: int, backend: str, device: str,
                  storage_dir: str, snapshot_every: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        if backend == "faiss":
+        if backend in ("faiss", "ivf"):
             import faiss  # noqa: PLC0415
             faiss.omp_set_num_threads(threads)
         self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
@@ -370,9 +371,10 @@ class ShardedMemory(MemoryBase):
     Create it once (rank 0 of a job, or a driver), then attach from other writer processes with
     `ShardedMemory.attach(name, rank)`. Every attached writer writes once per step.
 
-    backend: "torch" | "faiss" per shard. name: the memory's name in the cluster (default: a
-    fresh one). num_writers: writers per step. storage: folder for the shards' snapshots and write
-    logs (default: a new temporary folder; on a multi-node cluster use one every node reaches).
+    backend: "torch" | "faiss" (exact) | "ivf" (approximate) per shard. name: the memory's name in
+    the cluster (default: a fresh one). num_writers: writers per step. storage: folder for the
+    shards' snapshots and write logs (default: a new temporary folder; on a multi-node cluster use
+    one every node reaches).
     address: a Ray cluster to join; None starts (or reuses) a local Ray on 127.0.0.1.
     write_timeout_s: how long writers wait for the others at a step. heartbeat_timeout_s: a writer
     that has read or written and then sends no heartbeat for this long (its process died) ends the
@@ -389,8 +391,8 @@ class ShardedMemory(MemoryBase):
             raise ValueError(f"num_shards must be an int in [1, size={config.size}], got {num_shards!r}")
         if isinstance(num_writers, bool) or not isinstance(num_writers, int) or num_writers < 1:
             raise ValueError(f"num_writers must be an int >= 1, got {num_writers!r}")
-        if backend not in ("torch", "faiss"):
-            raise ValueError(f"backend must be one of ('torch', 'faiss'), got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for arg, value in (("write_timeout_s", write_timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")

@@ -126,12 +126,14 @@ class NeuralGPU(nn.Module):
         self.cfg = cfg
         m = cfg.nmaps
         self.embed = nn.Embedding(cfg.in_vocab, m, padding_idx=cfg.pad)
-        self.encoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, gate_bias=cfg.gate_bias) for _ in range(cfg.nconvs))
+        self.encoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, gate_bias=cfg.gate_bias)
+                                     for _ in range(cfg.nconvs))
         if cfg.extended:
             self.target_embed = nn.Embedding(cfg.out_vocab, m, padding_idx=cfg.pad)  # also the output layer
             nn.init.normal_(self.target_embed.weight, std=m ** -0.5)  # logits of order 1 at the start
             self.target_embed.weight.data[cfg.pad] = 0
-            self.decoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, extra=m, gate_bias=cfg.gate_bias) for _ in range(cfg.nconvs))
+            self.decoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, extra=m, gate_bias=cfg.gate_bias)
+                                         for _ in range(cfg.nconvs))
         else:
             self.output = nn.Linear(m, cfg.out_vocab)
         if cfg.use_memory:

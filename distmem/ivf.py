@@ -1,0 +1,126 @@
+"""The approximate k-NN backend: faiss inverted lists (IndexIVF) over the memory's keys, kept
+current by the memory's in-place slot rewrites.
+
+- Every slot of the shard is in the index under its own id (empty slots too: a zero key), so a
+  rewrite is one `update_vectors` (the direct map finds the slot's list) and the next search
+  sees it.
+- Until the first training the search is exact (a fresh memory is small and its keys move
+  fastest). The centroids are trained (k-means on a sample of the written keys) once
+  `ivf_train_after` x N slot writes have happened since the memory was emptied or loaded, and
+  re-trained after every further `ivf_retrain_every` x N slot writes (the keys drift as the
+  network trains; 0: never). A (re-)training rebuilds the index from the current keys.
+- The index stores float32 keys (IndexIVFFlat) for a float32 memory, fp16 or 8-bit codes
+  (IndexIVFScalarQuantizer) for a 16-bit or 8-bit one. The candidates it returns are re-scored from the
+  memory's own keys and sorted by (score, lower id), as the exact backends do; a query whose
+  probed lists hold fewer than k slots falls back to the exact search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distmem.backends import TorchExactBackend, _import_faiss
+from distmem.config import MemoryConfig
+from distmem.keycodes import decode
+from distmem.topk import sort_by_score_then_id
+
+
+def default_lists(n: int) -> int:
+    """About 4 sqrt(n) lists (a power of two), at least 1 and at most n / 39 (faiss's minimum
+    training points per centroid)."""
+    return max(1, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39))
+
+
+class IvfBackend:
+    """Inverted lists over one shard's keys [n, d]; `update` after each in-place rewrite, `reset`
+    after the key tensor was replaced (clear, load)."""
+
+    name = "ivf"
+
+    def __init__(self, config: MemoryConfig, n: int, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"backend='ivf' runs on the CPU (faiss IndexIVF), got device {device}; "
+                             "use backend='torch' or 'faiss' on a GPU")
+        self.faiss = _import_faiss()
+        self.n, self.d = n, config.key_dim
+        self.lists = min(config.ivf_lists or default_lists(n), max(1, n // 39))
+        self.nprobe = config.ivf_probe
+        self.train_after = max(1, math.ceil(config.ivf_train_after * n))
+        self.retrain_every = math.ceil(config.ivf_retrain_every * n)
+        self.codes = {"float32": None, "int8": "QT_8bit"}.get(config.key_dtype, "QT_fp16")
+        self.seed = config.seed
+        self._exact = TorchExactBackend(config.chunk_size)
+        self.index = None
+        self.writes = 0        # slot writes since the last training (or reset)
+        self.trainings = 0
+
+    # -- keeping the index current -------------------------------------------------------------
+    def reset(self, keys: Tensor) -> None:
+        """The shard's keys were replaced: drop the index; train at once if the keys are mostly
+        written (a loaded memory), else after `train_after` writes."""
+        self.index = None
+        self.writes = int((keys != 0).any(1).sum())
+        self._maybe_train(keys)
+
+    def update(self, keys: Tensor, local: Tensor) -> None:
+        """Rows `local` [m] (int64, distinct) of keys [n, d] were just rewritten."""
+        self.writes += int(local.numel())
+        if self.index is not None:
+            ids = local.cpu().numpy().astype(np.int64)
+            self.index.update_vectors(ids, _float32(keys[local]))
+        self._maybe_train(keys)
+
+    def _maybe_train(self, keys: Tensor) -> None:
+        due = self.train_after if self.index is None else self.retrain_every
+        if due and self.writes >= due:
+            self.train(keys)
+
+    def train(self, keys: Tensor) -> None:
+        """k-means on up to 40 sampled written keys per list, then every slot added under its id."""
+        written = torch.nonzero((keys != 0).any(1)).squeeze(1)
+        if written.numel() < self.lists:
+            return
+        rng = np.random.default_rng([self.seed, self.trainings])
+        take = rng.choice(written.numel(), min(written.numel(), 40 * self.lists), replace=False)
+        sample = _float32(keys[written[torch.from_numpy(np.sort(take))]])
+        quantizer = self.faiss.IndexFlatIP(self.d)
+        metric = self.faiss.METRIC_INNER_PRODUCT
+        if self.codes:  # the index's codes as compact as the memory's keys
+            index = self.faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.lists,
+                                                        getattr(self.faiss.ScalarQuantizer, self.codes), metric)
+        else:
+            index = self.faiss.IndexIVFFlat(quantizer, self.d, self.lists, metric)
+        index.cp.seed = self.seed + self.trainings
+        index.cp.niter = 10  # k-means iterations (faiss: 25); the keys drift anyway
+        index.train(sample)
+        for start in range(0, self.n, 1 << 20):  # ids 0..n-1 in order: the direct map is an array
+            index.add(_float32(keys[start:start + (1 << 20)]))
+        index.make_direct_map()
+        index.nprobe = min(self.nprobe, self.lists)
+        self.index, self.writes = index, 0
+        self.trainings += 1
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k candidates of queries [B, d] by the probed lists: (sims [B, k], ids [B, k]),
+        sorted by score, ties by the lower id; exact until the first training."""
+        if self.index is None:
+            return self._exact.search(keys, queries, k)
+        _, ids = self.index.search(_float32(queries), k)
+        ids = torch.from_numpy(ids)
+        short = (ids < 0).any(1)
+        ids = ids.clamp(min=0)
+        sims = torch.einsum("bkd,bd->bk", decode(keys[ids]), queries.float())  # the memory's own scores
+        sims, ids = sort_by_score_then_id(sims, ids)
+        if short.any():  # the probed lists held fewer than k slots
+            rows = short.nonzero().squeeze(1)
+            sims[rows], ids[rows] = self._exact.search(keys, queries[rows], k)
+        return sims, ids
+
+
+def _float32(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(decode(x.detach()).cpu().numpy())

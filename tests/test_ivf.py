@@ -1,0 +1,171 @@
+"""The approximate backend (backend="ivf"): against brute force, kept current by in-place writes,
+re-trained without losing a slot, and sharded like the local memory."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distmem import LocalMemory, MemoryConfig
+from distmem.ivf import default_lists
+
+from conftest import state_equal, unit
+
+N, D = 8000, 16
+
+
+def clustered(n: int, d: int, clusters: int = 40, spread: float = 0.3, seed: int = 0) -> torch.Tensor:
+    """Unit keys around `clusters` random centres (the structure trained keys have)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(clusters, d, generator=g), dim=1)
+    return F.normalize(centres[torch.randint(0, clusters, (n,), generator=g)]
+                       + spread * torch.randn(n, d, generator=g) / d ** 0.5, dim=1)
+
+
+def filled(keys: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(keys)
+    return {"keys": keys, "values": torch.randint(0, 50, (n,), generator=g),
+            "ages": torch.randint(0, 100, (n,), generator=g)}
+
+
+def memories(cfg: MemoryConfig, state) -> tuple[LocalMemory, LocalMemory]:
+    """(ivf, exact torch) memories holding `state`."""
+    out = []
+    for backend in ("ivf", "torch"):
+        m = LocalMemory(cfg, backend=backend, device="cpu")
+        m.load_state(state)
+        out.append(m)
+    return out[0], out[1]
+
+
+def recall(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Mean share of each row of want [B, k] found in the same row of got [B, k]."""
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want)) / want.numel()
+
+
+def test_full_probe_equals_brute_force_ties_included():
+    keys = clustered(N, D)
+    keys[100:110] = keys[5]  # equal keys: ties resolved by the lower slot id, as the exact search does
+    cfg = MemoryConfig(size=N, key_dim=D, k=32, ivf_lists=32, ivf_probe=32)
+    ivf, exact = memories(cfg, filled(keys))
+    assert ivf.backend.index is not None and ivf.backend.lists == 32
+    q = torch.cat([unit(60, D, seed=1), keys[5:6].clone(), keys[200:220]])
+    got, want = ivf.shard.search(q), exact.shard.search(q)
+    assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["values"], want["values"])
+    assert torch.allclose(got["sims"], want["sims"], atol=1e-6)
+    assert got["ids"][60, :11].tolist() == [5, *range(100, 110)]
+
+
+@pytest.mark.parametrize("kind", ["clustered", "random"])
+def test_recall_against_brute_force(kind):
+    keys = clustered(N, D) if kind == "clustered" else unit(N, D, seed=3)
+    cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=8)
+    ivf, exact = memories(cfg, filled(keys))
+    q = F.normalize(keys[torch.arange(0, N, 40)] + 0.1 * unit(N // 40, D, seed=4), dim=1)  # near stored keys
+    got, want = ivf.shard.search(q)["ids"], exact.shard.search(q)["ids"]
+    r1 = (got[:, 0] == want[:, 0]).float().mean().item()
+    assert r1 >= (0.97 if kind == "clustered" else 0.8)
+    assert recall(got, want) >= (0.9 if kind == "clustered" else 0.4)
+    ivf.backend.index.nprobe = 1  # fewer lists scanned: recall can only fall
+    assert recall(ivf.shard.search(q)["ids"], want) <= recall(got, want)
+
+
+def test_exact_until_trained_then_trained_after_enough_writes():
+    cfg = MemoryConfig(size=2000, key_dim=D, k=8, ivf_lists=8, ivf_probe=1, ivf_train_after=0.5, age_noise=0.0)
+    ivf, exact = LocalMemory(cfg, backend="ivf", device="cpu"), LocalMemory(cfg, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    step = 0
+    while ivf.backend.index is None:
+        q, y = unit(100, D, seed=step), torch.randint(0, 1000, (100,), generator=g)
+        a, b = ivf.step(q, y), exact.step(q, y)
+        assert torch.equal(a.ids, b.ids), "an untrained ivf memory searches exactly"
+        step += 1
+    assert ivf.backend.trainings == 1 and 1000 <= step * 100 < 1100  # after half the slots were written
+    assert state_equal(ivf.state(), exact.state())
+
+
+def test_in_place_writes_are_visible_to_the_next_search():
+    keys = clustered(N, D)
+    cfg = MemoryConfig(size=N, key_dim=D, k=4, ivf_lists=64, ivf_probe=1, age_noise=0.0, ivf_retrain_every=0)
+    ivf, _ = memories(cfg, filled(keys))
+    new = unit(50, D, seed=7)  # far from the clusters: they move to other lists
+    read = ivf.query(new, k=1)
+    ivf.write(read, torch.arange(1000, 1050))  # labels no slot holds: every key is stored as given
+    found = ivf.query(new, k=1)  # one probed list: the new key's own list
+    assert torch.equal(found.prediction, torch.arange(1000, 1050))
+    assert torch.allclose(found.sims[:, 0], torch.ones(50), atol=1e-5)
+    slots = found.ids[:, 0]
+    assert torch.equal(ivf.keys[slots], new)
+    index = ivf.backend.index
+    assert index.ntotal == N
+    assert all(torch.allclose(torch.from_numpy(index.reconstruct(int(s))), ivf.keys[s]) for s in slots)
+
+
+def test_retraining_keeps_every_slot_findable():
+    keys = clustered(4000, D, seed=1)
+    cfg = MemoryConfig(size=4000, key_dim=D, k=4, ivf_lists=32, ivf_probe=1, age_noise=0.0,
+                       ivf_retrain_every=0.25)
+    ivf, exact = memories(cfg, filled(keys))
+    drifted = clustered(1500, D, clusters=10, seed=2)  # new clusters: the keys drift
+    for start in range(0, 1500, 100):
+        q, y = drifted[start:start + 100], torch.arange(start, start + 100)
+        ivf.step(q, y)
+        exact.step(q, y)
+    assert ivf.backend.trainings == 2  # trained at load, re-trained after 1,000 slot writes
+    assert state_equal(ivf.state(), exact.state())
+    assert ivf.backend.index.ntotal == 4000
+    distinct = torch.unique(ivf.keys, dim=0, return_inverse=True)[1]
+    first = {}
+    for slot, group in enumerate(distinct.tolist()):
+        first.setdefault(group, slot)
+    own = torch.tensor([first[g] for g in distinct.tolist()])
+    assert torch.equal(ivf.query(ivf.keys.clone(), k=1).ids[:, 0], own)  # each key finds its own slot
+
+
+@pytest.mark.parametrize("key_dtype", ["float16", "int8"])
+def test_compressed_keys_use_a_compressed_index_and_round_trip(tmp_path, key_dtype):
+    keys = clustered(N, D)
+    cfg = MemoryConfig(size=N, key_dim=D, k=8, ivf_lists=32, ivf_probe=32, key_dtype=key_dtype)
+    ivf, exact = memories(cfg, filled(keys))
+    assert "ScalarQuantizer" in type(ivf.backend.index).__name__
+    q = unit(40, D, seed=5)
+    got, want = ivf.shard.search(q), exact.shard.search(q)
+    assert recall(got["ids"], want["ids"]) >= 0.95  # fp16 codes pick the lists' candidates; re-scored from the keys
+    assert torch.equal(got["ids"][:, 0], want["ids"][:, 0])
+    ivf.save(tmp_path / "m.arrow")
+    back = LocalMemory.from_file(tmp_path / "m.arrow", backend="ivf", device="cpu")
+    assert back.config == cfg and torch.equal(back.keys, ivf.keys) and state_equal(back.state(), ivf.state())
+    assert back.backend.index is not None
+    assert torch.equal(back.shard.search(q)["ids"], got["ids"])
+
+
+def test_config_checks_and_default_lists():
+    assert default_lists(4_000_000) == 8192 and default_lists(100) == 2 and default_lists(10) == 1
+    for bad in (dict(ivf_lists=-1), dict(ivf_probe=0), dict(ivf_train_after=float("nan")), dict(ivf_retrain_every=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MemoryConfig(size=10, key_dim=4, k=2, **bad)
+    with pytest.raises(ValueError, match="backend='ivf' runs on the CPU"):
+        LocalMemory(MemoryConfig(size=10, key_dim=4, k=2), backend="ivf", device="meta")
+
+
+def test_sharded_ivf_equals_local_ivf(ray_local):
+    from distmem import ShardedMemory
+
+    # every list probed: each shard's index answers what the local one does, through training
+    cfg = MemoryConfig(size=600, key_dim=8, k=6, age_noise=8.0, seed=3, ivf_lists=4, ivf_probe=4,
+                       ivf_train_after=0.3, ivf_retrain_every=0.5)
+    local = LocalMemory(cfg, backend="ivf", device="cpu")
+    mem = ShardedMemory(cfg, 2, backend="ivf")
+    try:
+        g = torch.Generator().manual_seed(0)
+        for s in range(12):
+            q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
+            got, want = mem.step(q, y), local.step(q, y)
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+        assert local.backend.trainings >= 2
+        assert state_equal(mem.state(), local.state())
+    finally:
+        mem.shutdown()
+    assert dataclasses.asdict(cfg)["ivf_lists"] == 4
