@@ -9,6 +9,9 @@ current by the memory's in-place slot rewrites.
   `ivf_train_after` x N slot writes have happened since the memory was emptied or loaded, and
   re-trained after every further `ivf_retrain_every` x N slot writes (the keys drift as the
   network trains; 0: never). A (re-)training rebuilds the index from the current keys.
+- The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
+  IVF cannot): on a GPU memory the keys and the re-scoring stay on the GPU, and each step moves
+  only its queries, candidate ids and rewritten keys between the two.
 - The index stores float32 keys (IndexIVFFlat) for a float32 memory, fp16 or 8-bit codes
   (IndexIVFScalarQuantizer) for a 16-bit or 8-bit one. The candidates it returns are re-scored from the
   memory's own keys and sorted by (score, lower id), as the exact backends do; a query whose
@@ -42,9 +45,8 @@ class IvfBackend:
     name = "ivf"
 
     def __init__(self, config: MemoryConfig, n: int, device: torch.device) -> None:
-        if device.type != "cpu":
-            raise ValueError(f"backend='ivf' runs on the CPU (faiss IndexIVF), got device {device}; "
-                             "use backend='torch' or 'faiss' on a GPU")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='ivf' keeps its keys on 'cpu' or 'cuda', got device {device}")
         self.faiss = _import_faiss()
         self.n, self.d = n, config.key_dim
         self.lists = min(config.ivf_lists or default_lists(n), max(1, n // 39))
@@ -111,7 +113,7 @@ class IvfBackend:
         if self.index is None:
             return self._exact.search(keys, queries, k)
         _, ids = self.index.search(_float32(queries), k)
-        ids = torch.from_numpy(ids)
+        ids = torch.from_numpy(ids).to(keys.device)
         short = (ids < 0).any(1)
         ids = ids.clamp(min=0)
         sims = torch.einsum("bkd,bd->bk", decode(keys[ids]), queries.float())  # the memory's own scores

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from jobs import bench_memory, bench_sharded
 
@@ -15,6 +16,27 @@ def test_bench_memory_runs_and_reports_ratios(tmp_path):
     assert set(out["runs"]) == {"bare faiss IndexFlatIP.search", "bare faiss.knn (its kernel)",
                                 "LocalMemory.step backend=torch", "LocalMemory.step backend=faiss"}
     assert all(row["ratio"] > 0 for row in out["runs"].values()) and (tmp_path / "m.json").is_file()
+
+
+def test_bench_memory_compares_ivf_with_exact_on_random_and_saved_keys(tmp_path):
+    from distmem import LocalMemory, MemoryConfig
+
+    from conftest import unit
+    args = ["--backend", "ivf", "--sizes", "4k,8k", "--dim", "16", "--batch", "64", "--k", "8", "--repeats", "1",
+            "--lists", "16", "--nprobe", "16"]
+    out = bench_memory.main(args)
+    assert [row["size"] for row in out["sizes"]] == [4096, 8192]
+    for row in out["sizes"]:  # every list probed: the approximate search is the exact one
+        assert row["recall_at_1"] == 1.0 and row["recall_at_k"] == 1.0 and row["predictions_differ"] == 0.0
+        assert row["speedup"] > 0 and row["peak_rss_gib"] > 0 and row["lists"] == 16
+    saved = LocalMemory(MemoryConfig(size=500, key_dim=16, k=4), device="cpu")
+    saved.step(unit(300, 16, seed=1), torch.arange(300))
+    saved.save(tmp_path / "trained.arrow")
+    out = bench_memory.main(args[:3] + ["4k"] + args[4:-1] + ["2", "--keys", str(tmp_path / "trained.arrow")])
+    (row,) = out["sizes"]
+    assert row["nprobe"] == 2 and 0 < row["recall_at_k"] <= 1 and row["recall_at_1"] > 0.5
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--backend", "ivf", "--sizes", "lots"])
 
 
 @pytest.mark.slow  # a job smoke run: about 20 s with its Ray start

@@ -35,7 +35,9 @@ class OmniglotRunConfig:
     key_dim: int = option(256, "key size")
     k: int = option(256, "nearest neighbours per query")
     age_noise: float = option(8.0, "half-width of the age noise of the memory's update")
-    backend: Literal["torch", "faiss"] = option("torch", "exact k-NN backend of the memory")
+    backend: Literal["torch", "faiss", "ivf"] = option("torch", "k-NN backend of the memory (ivf: approximate)")
+    ivf_lists: int = option(0, "backend ivf: inverted lists per shard (0: about 4 sqrt(slots))")
+    ivf_probe: int = option(32, "backend ivf: lists scanned per query")
     conv_norm: bool = option(False, "batch norm after each convolution (not in the released CNN)")
     eval_every: int = option(50, "batches between points of the accuracy curve")
     curve_classes: int = option(100, "test classes used for the curve (the final table uses all)")
@@ -52,7 +54,7 @@ class OmniglotRunConfig:
                                          "curve_episodes", "eval_episodes", "checkpoint_every"),
                      non_negative=("cpus_per_worker",), positive_finite=("lr",))
         for name, choices in (("mode", ("episodic", "lifelong")), ("split", ("released", "vinyals")),
-                              ("lr_schedule", ("constant", "cosine")), ("backend", ("torch", "faiss"))):
+                              ("lr_schedule", ("constant", "cosine")), ("backend", ("torch", "faiss", "ivf"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')}: expected one of {choices}, got {getattr(self, name)!r}")
         self.memory_config()  # k <= size and the rest, named
@@ -64,7 +66,8 @@ class OmniglotRunConfig:
     def memory_config(self) -> MemoryConfig:
         """The memory this run trains with (size, key size, k, age noise, seed)."""
         return MemoryConfig(size=self.memory_size, key_dim=self.key_dim, k=self.k, age_noise=self.age_noise,
-                            seed=self.seed)
+                            seed=self.seed,
+                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe)
 
 
 PRESETS: dict[str, dict] = {

@@ -35,7 +35,9 @@ class RareSymbolRunConfig:
     memory_size: int = option(65536, "memory slots")
     k: int = option(256, "nearest neighbours per query")
     age_noise: float = option(8.0, "half-width of the age noise of the memory's update")
-    backend: Literal["torch", "faiss"] = option("torch", "exact k-NN backend of the memory")
+    backend: Literal["torch", "faiss", "ivf"] = option("torch", "k-NN backend of the memory (ivf: approximate)")
+    ivf_lists: int = option(0, "backend ivf: inverted lists per shard (0: about 4 sqrt(slots))")
+    ivf_probe: int = option(32, "backend ivf: lists scanned per query")
     gaps: tuple[int, ...] = option((1, 100, 1000, 5000), "test gaps between a context and its probe, in steps")
     symbols_per_gap: int = option(0, "rare test symbols per gap (0: all 2,048 split evenly)")
     log_every: int = option(100, "steps between points of the training curve")
@@ -75,7 +77,8 @@ class RareSymbolRunConfig:
     def memory_config(self) -> MemoryConfig:
         """The life-long memory: key size = the model's hidden size (the Neural GPU's channels)."""
         key_dim = self.nmaps if self.model == "neural_gpu" else MODEL_PRESETS[self.model]["hidden"]
-        return MemoryConfig(size=self.memory_size, key_dim=key_dim, k=self.k, age_noise=self.age_noise, seed=self.seed)
+        return MemoryConfig(size=self.memory_size, key_dim=key_dim, k=self.k, age_noise=self.age_noise, seed=self.seed,
+                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe)
 
 
 PRESETS: dict[str, dict] = {
