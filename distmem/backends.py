@@ -38,6 +38,10 @@ class KnnBackend(Protocol):
         """Rows local [m] of keys [N, d] were rewritten in place. Exact backends: nothing."""
         ...
 
+    def stats(self) -> dict:
+        """The backend's name and what it keeps (the approximate one: its recall over the run)."""
+        ...
+
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Exact top-k inner products. keys [N, d], queries [B, d] on the keys' device.
 
@@ -48,6 +52,9 @@ class KnnBackend(Protocol):
 
 class _Stateless:
     """An exact backend reads the keys afresh at every search: nothing to keep current."""
+
+    def stats(self) -> dict:
+        return {"name": self.name}
 
     def reset(self, keys: Tensor) -> None:
         pass

@@ -25,6 +25,8 @@ class MemoryConfig:
         (0: about 4 sqrt(slots)) and the lists each query scans.
     ivf_train_after, ivf_retrain_every: train its centroids after this many slot writes (x the
         shard's slots) and re-train after every further ivf_retrain_every x slots (0: never).
+    ivf_check_every: every this many searches, measure the recall of a few queries against the
+        exact search (0: never).
     """
 
     size: int
@@ -39,6 +41,7 @@ class MemoryConfig:
     ivf_probe: int = 32
     ivf_train_after: float = 0.5
     ivf_retrain_every: float = 1.0
+    ivf_check_every: int = 100
 
     def __post_init__(self) -> None:
         for name in ("size", "key_dim", "k", "seed", "chunk_size"):
@@ -47,11 +50,10 @@ class MemoryConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"MemoryConfig.{name} must be an int, got {value!r}")
-        for name in ("ivf_lists", "ivf_probe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "ivf_lists" else 1):
-                raise ValueError(f"MemoryConfig.{name} must be an int >= {0 if name == 'ivf_lists' else 1}, "
-                                 f"got {value!r}")
+        for name in ("ivf_lists", "ivf_probe", "ivf_check_every"):
+            value, low = getattr(self, name), 1 if name == "ivf_probe" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"MemoryConfig.{name} must be an int >= {low}, got {value!r}")
         for name in ("ivf_train_after", "ivf_retrain_every"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

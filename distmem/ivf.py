@@ -9,12 +9,14 @@ current by the memory's in-place slot rewrites.
   `ivf_train_after` x N slot writes have happened since the memory was emptied or loaded, and
   re-trained after every further `ivf_retrain_every` x N slot writes (the keys drift as the
   network trains; 0: never). A (re-)training rebuilds the index from the current keys.
+- Every `ivf_check_every` searches it compares the first 32 queries' candidates with the exact
+  search and records the recall (`stats()`), so a run shows how the recall holds as keys drift.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys and the re-scoring stay on the GPU, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
 - The index stores float32 keys (IndexIVFFlat) for a float32 memory, fp16 or 8-bit codes
-  (IndexIVFScalarQuantizer) for a 16-bit or 8-bit one. The candidates it returns are re-scored from the
-  memory's own keys and sorted by (score, lower id), as the exact backends do; a query whose
+  (IndexIVFScalarQuantizer) for a 16-bit or 8-bit one, whose candidates are then re-scored from
+  the memory's own keys. They are sorted by (score, lower id), as the exact backends do; a query whose
   probed lists hold fewer than k slots falls back to the exact search.
 """
 
@@ -56,9 +58,13 @@ class IvfBackend:
         self.codes = {"float32": None, "int8": "QT_8bit"}.get(config.key_dtype, "QT_fp16")
         self.seed = config.seed
         self._exact = TorchExactBackend(config.chunk_size)
+        self.check_every = config.ivf_check_every
         self.index = None
         self.writes = 0        # slot writes since the last training (or reset)
+        self.total_writes = 0
         self.trainings = 0
+        self.searches = 0
+        self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
 
     # -- keeping the index current -------------------------------------------------------------
     def reset(self, keys: Tensor) -> None:
@@ -71,6 +77,7 @@ class IvfBackend:
     def update(self, keys: Tensor, local: Tensor) -> None:
         """Rows `local` [m] (int64, distinct) of keys [n, d] were just rewritten."""
         self.writes += int(local.numel())
+        self.total_writes += int(local.numel())
         if self.index is not None:
             ids = local.cpu().numpy().astype(np.int64)
             self.index.update_vectors(ids, _float32(keys[local]))
@@ -112,16 +119,33 @@ class IvfBackend:
         sorted by score, ties by the lower id; exact until the first training."""
         if self.index is None:
             return self._exact.search(keys, queries, k)
-        _, ids = self.index.search(_float32(queries), k)
-        ids = torch.from_numpy(ids).to(keys.device)
+        self.searches += 1
+        sims, ids = self.index.search(_float32(queries), k)
+        sims, ids = torch.from_numpy(sims).to(keys.device), torch.from_numpy(ids).to(keys.device)
         short = (ids < 0).any(1)
         ids = ids.clamp(min=0)
-        sims = torch.einsum("bkd,bd->bk", decode(keys[ids]), queries.float())  # the memory's own scores
+        if self.codes:  # the lists' codes only pick the candidates; the memory's own keys score them
+            sims = torch.einsum("bkd,bd->bk", decode(keys[ids]), queries.float())
         sims, ids = sort_by_score_then_id(sims, ids)
         if short.any():  # the probed lists held fewer than k slots
             rows = short.nonzero().squeeze(1)
             sims[rows], ids[rows] = self._exact.search(keys, queries[rows], k)
+        if self.check_every and self.searches % self.check_every == 1:
+            self._check(keys, queries[:32], ids[:32], k)
         return sims, ids
+
+    def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int) -> None:
+        """Record the recall of this search's first queries against the exact search."""
+        _, exact = self._exact.search(keys, queries, k)
+        at_k = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.cpu(), exact.cpu())) / exact.numel()
+        self.checks = self.checks[-999:] + [{
+            "search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
+            "recall_at_1": float((ids[:, 0] == exact[:, 0]).float().mean()), "recall_at_k": at_k}]
+
+    def stats(self) -> dict:
+        """Lists, probes, trainings, and the recall checks so far (every `ivf_check_every` searches)."""
+        return {"name": self.name, "lists": self.lists, "nprobe": self.nprobe, "trainings": self.trainings,
+                "writes": self.total_writes, "checks": list(self.checks)}
 
 
 def _float32(x: Tensor) -> np.ndarray:

@@ -11,8 +11,8 @@ round times every line once, in one process on the same batch, so drift of the m
 With `--backend`, per size: the step time of both backends and their ratio, the process's peak
 RSS, recall@1 and recall@k of the approximate search against the exact one on the same keys and
 queries, and the share of predictions that differ. `--keys FILE` takes the keys of a saved
-memory (a trained run's) instead of random ones: each slot is one of its written keys plus a
-little noise, so that any size can be filled with their structure. The queries are stored keys
+memory (a trained run's) instead of random ones: each slot is one of its written keys plus
+noise (--key-noise), so that any size can be filled with their structure. The queries are stored keys
 plus noise (a memory's reads land near what it stored).
 `--out FILE` also writes the figures as JSON; `--storage DIR|URI` into a new run folder there.
 """
@@ -145,7 +145,7 @@ def compare(args: argparse.Namespace) -> dict:
     """The approximate backend against the exact one (torch) at each of args.sizes."""
     rows = []
     for size in args.sizes:
-        keys = (structured_keys(args.keys, size, args.dim, 0.1, seed=0) if args.keys
+        keys = (structured_keys(args.keys, size, args.dim, args.key_noise, seed=0) if args.keys
                 else random_keys(size, args.dim, seed=0))
         g = torch.Generator().manual_seed(1)
         picked = torch.randint(0, size, (args.batch,), generator=g)
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "written keys shape the benchmark's keys (default: uniformly random keys)")
     p.add_argument("--lists", type=int, default=0, help="ivf lists (0: about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=32, help="ivf lists scanned per query")
+    p.add_argument("--key-noise", type=float, default=0.3, help="with --keys: norm of the noise added to a saved "
+                   "key to make a slot's key")
     p.add_argument("--query-noise", type=float, default=0.3, help="norm of the noise added to a stored key to "
                    "make a query")
     args = p.parse_args(argv)

@@ -74,9 +74,12 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
     from distmem.distributed import connect, fit  # imports Ray
     connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it
 
+    backend_stats: dict[str, list] = {}
+
     def train(sub: RunStore, use_memory: bool) -> None:
         memory = fit(RareSymbolsTask(cfg, use_memory), sub, args.address, args.memory_storage, args.max_failures)
         if memory is not None:  # saved with every checkpoint; the protocol reads the last one
+            backend_stats["training"] = [shard["backend"] for shard in memory.placement()]
             memory.shutdown()
 
     trained: dict[str, dict] = {}
@@ -103,6 +106,8 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
         with tqdm(total=len(stream), desc=f"test protocol ({variant})", unit="step",
                   mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
             results[variant] = run_protocol(model, memory, task, stream, progress=lambda n: bar.update(n - bar.n))
+        if memory is not None:
+            backend_stats["protocol"] = memory.backend.stats()
         protocol_seconds[variant] = time.time() - t0
 
     metrics = {"preset": cfg.preset, "workers": cfg.workers, "shards": cfg.shards, "steps": cfg.steps,
@@ -113,7 +118,8 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
                "rare_training_symbols_used_up_at_step": trained["memory"]["summary"].get("rare_exhausted_at"),
                "memory_gain": (math.exp(float(trained["memory"]["model"]["memory_log_gain"]))
                                if "memory_log_gain" in trained["memory"]["model"] else None),
-               "curves": {variant: t["curve"] for variant, t in trained.items()}}
+               "curves": {variant: t["curve"] for variant, t in trained.items()},
+               "memory_backend": backend_stats}  # ivf: trainings and the recall checks over the run
     store.write_text("metrics.json", json.dumps(metrics, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         plot_recall(results, Path(tmp) / "recall.png", f"Rare-symbol task, {cfg.preset} preset")

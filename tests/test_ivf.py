@@ -86,6 +86,22 @@ def test_exact_until_trained_then_trained_after_enough_writes():
     assert state_equal(ivf.state(), exact.state())
 
 
+def test_recall_checks_over_a_run():
+    keys = clustered(N, D)
+    cfg = MemoryConfig(size=N, key_dim=D, k=8, ivf_lists=32, ivf_probe=32, ivf_check_every=2)
+    full, _ = memories(cfg, filled(keys))
+    thin, _ = memories(dataclasses.replace(cfg, ivf_probe=1), filled(keys))
+    for s in range(5):
+        q, y = unit(64, D, seed=s), torch.randint(0, 50, (64,))
+        full.step(q, y)
+        thin.step(q, y)
+    checks = full.backend.stats()["checks"]
+    assert [c["search"] for c in checks] == [1, 3, 5] and checks[-1]["writes"] == 4 * 64  # read before its write
+    assert all(c["recall_at_1"] == 1.0 and c["recall_at_k"] == 1.0 for c in checks)  # every list probed
+    assert min(c["recall_at_k"] for c in thin.backend.stats()["checks"]) < 1.0
+    assert LocalMemory(cfg, device="cpu").backend.stats() == {"name": "torch"}
+
+
 def test_in_place_writes_are_visible_to_the_next_search():
     keys = clustered(N, D)
     cfg = MemoryConfig(size=N, key_dim=D, k=4, ivf_lists=64, ivf_probe=1, age_noise=0.0, ivf_retrain_every=0)
@@ -166,6 +182,8 @@ def test_sharded_ivf_equals_local_ivf(ray_local):
             assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
         assert local.backend.trainings >= 2
         assert state_equal(mem.state(), local.state())
+        stats = [shard["backend"] for shard in mem.placement()]
+        assert [s["name"] for s in stats] == ["ivf", "ivf"] and all(s["trainings"] >= 1 for s in stats)
     finally:
         mem.shutdown()
     assert dataclasses.asdict(cfg)["ivf_lists"] == 4

@@ -190,7 +190,8 @@ class ShardActor:
 
     def info(self) -> dict[str, Any]:
         return {"lo": self.shard.lo, "hi": self.shard.hi, "step": self.shard.step, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id(), "device": str(self.shard.device)}
+                "node": ray.get_runtime_context().get_node_id(), "device": str(self.shard.device),
+                "backend": self.shard.backend.stats()}
 
 
 class _Barrier:
@@ -610,7 +611,7 @@ class ShardedMemory(MemoryBase):
         ray.get(self._coordinator.resync.remote())
 
     def placement(self) -> list[dict[str, Any]]:
-        """Per shard: its slot range, step, process id, Ray node id and device."""
+        """Per shard: its slot range, step, process id, Ray node id, device and backend stats."""
         return ray.get([s.info.remote() for s in self.shards])
 
     def shutdown(self) -> None:
