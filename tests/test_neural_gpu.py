@@ -87,6 +87,28 @@ def test_step_by_step_decoding_equals_the_teacher_forced_pass():
     assert torch.equal(free[:, 0], teacher.logits[:, 0].argmax(-1))  # the first step depends on nothing decided
 
 
+def test_beam_search_scores_its_hypothesis_and_beam_1_is_greedy():
+    net = model(extended=True, use_memory=True)
+    src = tokens(5, 7, IN, seed=4)
+    mem = _memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(30, 8), dim=-1), torch.randint(1, OUT, (30,)))
+
+    def log_prob(out):  # the teacher-forced pass over a hypothesis: the oracle of its score
+        logp = torch.log_softmax(net(src, out, mem).logits, -1)
+        return logp.gather(2, out[:, :, None])[:, :, 0].sum(1)
+
+    greedy, _ = net.greedy(src, length=6, memory=mem)
+    one, one_score = net.beam_search(src, length=6, memory=mem, beam=1)
+    assert torch.equal(one, greedy)
+    best, score = net.beam_search(src, length=6, memory=mem, beam=4)
+    assert best.shape == (5, 6)
+    torch.testing.assert_close(score, log_prob(best), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one_score, log_prob(greedy), rtol=1e-4, atol=1e-4)
+    assert (score >= one_score - 1e-5).all()
+    with pytest.raises(ValueError, match="decodes every position at once"):
+        model().beam_search(src)
+
+
 class RecordingMemory(LocalMemory):
     """A LocalMemory that keeps every query it answers."""
 

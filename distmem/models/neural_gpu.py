@@ -241,16 +241,52 @@ class NeuralGPU(nn.Module):
         tokens, logits, queries = [], [], []
         for t in range(T):
             if use_memory and t + 1 < T:
-                q = self.queries(d, t + 1)
-                got = memory.query(q.detach()).prediction.to(s.device)
-                value[:, t + 1] = got
+                p, value[:, t + 1], q = self._recall_next(d, p, t, memory)
                 queries.append(q)
-                p = self._place(p, t + 1, self.recalled(got))
             d = self._steps(self.decoder, d, p)
             logits.append(self._logits(d[:, :, 0, t]))
             tokens.append(logits[-1].argmax(-1) if forced is None else forced[:, t])
             p = self._place(p, t, self.target_embed(tokens[-1]))
         return torch.stack(tokens, 1), torch.stack(logits, 1), value, torch.stack(queries) if queries else None
+
+
+    def _recall_next(self, d: Tensor, p: Tensor, t: int, memory: Memory) -> tuple[Tensor, Tensor, Tensor]:
+        """Before decoder step t: query the memory from d at position t + 1 and put the value's
+        embedding onto p there. Returns (p, values [B], queries [B, m])."""
+        q = self.queries(d, t + 1)
+        got = memory.query(q.detach()).prediction.to(d.device)
+        return self._place(p, t + 1, self.recalled(got)), got, q
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, length: int | None = None, memory: Memory | None = None,
+                    beam: int = 4) -> tuple[Tensor, Tensor]:
+        """Extended model: beam search over T = length (<= n; default n) outputs, each hypothesis
+        with its own decoder and output tapes (and memory reads). src [B, n] -> (tokens [B, T] of
+        the best hypothesis, its log-probability [B]). beam=1 is greedy decoding."""
+        if not self.cfg.extended:
+            raise ValueError("beam_search: the Neural GPU decodes every position at once; use greedy")
+        B, n = src.shape
+        T = n if length is None else length
+        if not 0 < T <= n or beam < 1:
+            raise ValueError(f"length, beam: expected 1..{n} and >= 1, got {T} and {beam}")
+        rows = torch.arange(B, device=src.device).repeat_interleave(beam)
+        d = self.encode(src)[rows]
+        p = torch.zeros_like(d)
+        score = torch.full((B, beam), float("-inf"), device=src.device)
+        score[:, 0] = 0.0  # one live hypothesis at the start
+        tokens = torch.zeros(B * beam, 0, dtype=torch.int64, device=src.device)
+        for t in range(T):
+            if self.cfg.use_memory and memory is not None and t + 1 < T:
+                p = self._recall_next(d, p, t, memory)[0]
+            d = self._steps(self.decoder, d, p)
+            logp = torch.log_softmax(self._logits(d[:, :, 0, t]), -1)  # (B * beam, V)
+            V = logp.shape[-1]
+            score, flat = (score[:, :, None] + logp.view(B, beam, V)).view(B, -1).topk(beam, dim=1)
+            parent = (flat // V + torch.arange(B, device=src.device)[:, None] * beam).view(-1)
+            token = (flat % V).view(-1)
+            d, p = d[parent], self._place(p[parent], t, self.target_embed(token))
+            tokens = torch.cat([tokens[parent], token[:, None]], 1)
+        return tokens.view(B, beam, T)[:, 0], score[:, 0]
 
 
 def _ce(logits: Tensor, tgt: Tensor | None, pad: int) -> Tensor | None:
