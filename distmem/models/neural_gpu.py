@@ -254,7 +254,7 @@ class NeuralGPU(nn.Module):
         """Before decoder step t: query the memory from d at position t + 1 and put the value's
         embedding onto p there. Returns (p, values [B], queries [B, m])."""
         q = self.queries(d, t + 1)
-        got = memory.query(q.detach()).prediction.to(d.device)
+        got = memory.query(q.detach(), k=1).prediction.to(d.device)  # the value is the nearest slot's: top-1
         return self._place(p, t + 1, self.recalled(got)), got, q
 
     @torch.no_grad()
