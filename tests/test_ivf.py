@@ -171,7 +171,7 @@ def test_sharded_ivf_equals_local_ivf(ray_local):
 
     # every list probed: each shard's index answers what the local one does, through training
     cfg = MemoryConfig(size=600, key_dim=8, k=6, age_noise=8.0, seed=3, ivf_lists=4, ivf_probe=4,
-                       ivf_train_after=0.3, ivf_retrain_every=0.5)
+                       ivf_train_after=0.3, ivf_retrain_every=0.4)
     local = LocalMemory(cfg, backend="ivf", device="cpu")
     mem = ShardedMemory(cfg, 2, backend="ivf")
     try:
