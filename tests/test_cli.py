@@ -69,7 +69,8 @@ def test_bad_gaps_name_the_flag(capsys):
 def test_help_shows_every_flag_with_its_choices_and_help_line():
     out = " ".join(subprocess.run([sys.executable, "-m", "jobs.omniglot", "--help"], cwd=ROOT, capture_output=True,
                                   text=True, check=True).stdout.split())
-    assert "--mode {episodic,lifelong}" in out and "--backend {torch,faiss,ivf}" in out and "--conv-norm {on,off}" in out
+    assert "--mode {episodic,lifelong}" in out and "--backend {torch,faiss,ivf}" in out
+    assert "--conv-norm {on,off}" in out
     assert "one sharded memory for all trainers" in out and "(default preset: 180)" in out
     out = " ".join(subprocess.run([sys.executable, "-m", "jobs.rare_symbols", "--help"], cwd=ROOT,
                                   capture_output=True, text=True, check=True).stdout.split())
