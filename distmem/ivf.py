@@ -105,6 +105,7 @@ class IvfBackend:
             index = self.faiss.IndexIVFFlat(quantizer, self.d, self.lists, metric)
         index.cp.seed = self.seed + self.trainings
         index.cp.niter = 10  # k-means iterations (faiss: 25); the keys drift anyway
+        index.cp.spherical = True  # unit centroids: an inner-product assignment would favour long ones
         index.train(sample)
         for start in range(0, self.n, 1 << 20):  # ids 0..n-1 in order: the direct map is an array
             index.add(_float32(keys[start:start + (1 << 20)]))
