@@ -12,8 +12,9 @@ With `--backend`, per size: the step time of both backends and their ratio, the 
 RSS, recall@1 and recall@k of the approximate search against the exact one on the same keys and
 queries, and the share of predictions that differ. `--keys FILE` takes the keys of a saved
 memory (a trained run's) instead of random ones: each slot is one of its written keys plus
-noise (--key-noise), so that any size can be filled with their structure. The queries are stored keys
-plus noise (a memory's reads land near what it stored).
+noise of the keys' own scale (the median distance to the nearest other key), so that any size
+is filled with their structure. The queries are stored keys plus noise (a memory's reads land
+near what it stored): of norm 0.3 for random keys, of the keys' scale for saved ones.
 `--out FILE` also writes the figures as JSON; `--storage DIR|URI` into a new run folder there.
 """
 
@@ -110,16 +111,30 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size such as 4M, 65536 or 64k, got {text!r}") from None
 
 
-def structured_keys(path: str, size: int, dim: int, noise: float, seed: int) -> torch.Tensor:
-    """size unit keys [size, dim]: written keys of the memory saved at `path`, drawn with
-    replacement, each plus Gaussian noise of norm about `noise`."""
-    source = LocalMemory.from_file(path, device="cpu")
-    state = source.state()
+def saved_keys(path: str, dim: int) -> torch.Tensor:
+    """The written keys [n, dim] of the memory saved at `path`."""
+    state = LocalMemory.from_file(path, device="cpu").state()
     written = state["keys"][state["values"] >= 0].float()
     if written.shape[1] != dim:
         raise ValueError(f"--keys: {path} holds keys of size {written.shape[1]}, not --dim {dim}")
     if len(written) == 0:
         raise ValueError(f"--keys: {path} holds no written slot")
+    return written
+
+
+def spacing(keys: torch.Tensor, sample: int = 2000) -> float:
+    """The median distance from a key to its nearest other key (over a sample): the scale of the
+    keys' structure."""
+    some = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))[:sample]]
+    sims = some @ keys.T
+    nearest = sims.topk(min(2, len(keys)), dim=1).values[:, -1]  # the first is the key itself
+    return float((2 - 2 * nearest.clamp(max=1)).sqrt().median())
+
+
+def structured_keys(written: torch.Tensor, size: int, noise: float, seed: int) -> torch.Tensor:
+    """size unit keys [size, d]: rows of `written` drawn with replacement, each plus Gaussian
+    noise of norm about `noise`."""
+    dim = written.shape[1]
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(size, dim)
     for start in range(0, size, 1 << 20):
@@ -152,12 +167,16 @@ def compare(args: argparse.Namespace) -> dict:
     """The approximate backend against the exact one (torch) at each of args.sizes."""
     rows = []
     for size in args.sizes:
-        keys = (structured_keys(args.keys, size, args.dim, args.key_noise, seed=0) if args.keys
-                else random_keys(size, args.dim, seed=0))
+        if args.keys:  # the saved keys' own scale: noise far above it would blur their structure away
+            written = saved_keys(args.keys, args.dim)
+            noise = args.key_noise or spacing(written)
+            keys = structured_keys(written, size, noise, seed=0)
+        else:
+            noise, keys = args.query_noise, random_keys(size, args.dim, seed=0)
         g = torch.Generator().manual_seed(1)
         picked = torch.randint(0, size, (args.batch,), generator=g)
-        q = F.normalize(keys[picked] + args.query_noise * torch.randn(args.batch, args.dim, generator=g)
-                        / args.dim ** 0.5, dim=1)
+        q = F.normalize(keys[picked] + noise * torch.randn(args.batch, args.dim, generator=g) / args.dim ** 0.5,
+                        dim=1)
         state = {"keys": keys, "values": torch.randint(0, max(1, size // 4), (size,), generator=g),
                  "ages": torch.randint(0, 10_000, (size,), generator=g)}
         labels = state["values"][picked].to(args.device)  # the stored slot's label: the reads are mostly hits
@@ -179,7 +198,7 @@ def compare(args: argparse.Namespace) -> dict:
         differ = (memories["torch"].query(q).prediction != memories[args.backend].query(q).prediction).float().mean()
         timed = interleaved({name: (lambda m=m, q=q, y=labels: m.step(q, y)) for name, m in memories.items()},
                             args.repeats, sync=args.device.startswith("cuda"))
-        row = {"size": size, "exact_step_s": timed["torch"]["median_s"],
+        row = {"size": size, "noise": noise, "exact_step_s": timed["torch"]["median_s"],
                "approx_step_s": timed[args.backend]["median_s"],
                "speedup": 1 / timed[args.backend]["ratio"], "recall_at_1": hit1, "recall_at_k": hitk,
                "predictions_differ": float(differ), "lists": memories[args.backend].backend.lists,
@@ -216,10 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "written keys shape the benchmark's keys (default: uniformly random keys)")
     p.add_argument("--lists", type=int, default=0, help="ivf lists (0: about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=32, help="ivf lists scanned per query")
-    p.add_argument("--key-noise", type=float, default=0.3, help="with --keys: norm of the noise added to a saved "
-                   "key to make a slot's key")
-    p.add_argument("--query-noise", type=float, default=0.3, help="norm of the noise added to a stored key to "
-                   "make a query")
+    p.add_argument("--key-noise", type=float, default=0.0, help="with --keys: norm of the noise added to a saved "
+                   "key to make a slot's key, and to a slot's key to make a query (0: the median distance "
+                   "between a saved key and its nearest other)")
+    p.add_argument("--query-noise", type=float, default=0.3, help="random keys: norm of the noise added to a "
+                   "stored key to make a query")
     args = p.parse_args(argv)
     if args.backend:
         results = compare(args)
