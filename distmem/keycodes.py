@@ -15,15 +15,23 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 INT8_SCALE = 127.0
 
 
+BLOCK = 1 << 18  # rows encoded at a time: no float temporaries the size of a whole memory
+
+
 def encode(keys: Tensor, dtype: torch.dtype) -> Tensor:
     """Float keys [..., d] -> stored keys of `dtype` (int8: the codes round(127 x))."""
-    if dtype == torch.int8:
-        return torch.round(keys.float().clamp(-1.0, 1.0) * INT8_SCALE).to(torch.int8)
-    return keys.to(dtype)
+    if dtype != torch.int8:
+        return keys.to(dtype)
+    flat = keys.reshape(-1, keys.shape[-1]) if keys.dim() else keys.reshape(1)
+    out = torch.empty(flat.shape, dtype=torch.int8, device=keys.device)
+    for start in range(0, len(flat), BLOCK):
+        block = flat[start:start + BLOCK].float().clamp(-1.0, 1.0)  # a fresh tensor: scaled in place
+        out[start:start + BLOCK] = block.mul_(INT8_SCALE).round_().to(torch.int8)
+    return out.reshape(keys.shape)
 
 
 def decode(stored: Tensor) -> Tensor:
     """Stored keys [..., d] -> float32 keys."""
     if stored.dtype == torch.int8:
-        return stored.float() / INT8_SCALE
+        return stored.float().div_(INT8_SCALE)  # float() copies: dividing in place spares a second copy
     return stored.float()

@@ -56,12 +56,18 @@ def plot_recall(results: dict, path: Path, title: str) -> None:
         ax.set_ylim(-3, 103)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def with_model_preset(argv: list[str]) -> list[str]:
+    """`--model neural_gpu` without --preset (or --resume) starts from the neural_gpu preset: the
+    default preset's sizes are the seq2seq model's."""
     wants_ngpu = any(a == "--model=neural_gpu" or (a == "--model" and b == "neural_gpu")
                      for a, b in zip(argv, argv[1:] + [""]))
     if wants_ngpu and not any(a.startswith("--preset") or a.startswith("--resume") for a in argv):
-        argv = ["--preset", "neural_gpu", *argv]  # the default preset's sizes are the seq2seq model's
+        return ["--preset", "neural_gpu", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = with_model_preset(list(sys.argv[1:] if argv is None else argv))
     cfg, args = parse_run_config(RareSymbolRunConfig, PRESETS, __doc__, argv)
     with user_errors():
         return run(cfg, args)

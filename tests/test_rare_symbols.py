@@ -160,3 +160,17 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     assert [p["step"] for p in metrics["curves"]["memory"]] == [10, 20]
     assert (run / "recall.png").stat().st_size > 1000
     assert "without" in out.stdout and str(run.resolve()) in out.stdout
+
+
+def test_model_neural_gpu_starts_from_its_own_preset():
+    from distmem.cli import parse_run_config
+    from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig
+    from jobs.rare_symbols import with_model_preset
+
+    cfg, _ = parse_run_config(RareSymbolRunConfig, PRESETS, None, with_model_preset(["--model", "neural_gpu"]))
+    assert (cfg.preset, cfg.model, cfg.nmaps, cfg.height, cfg.gate_bias) == ("neural_gpu", "neural_gpu", 32, 2, 2.0)
+    cfg, _ = parse_run_config(RareSymbolRunConfig, PRESETS, None,
+                              with_model_preset(["--model=neural_gpu", "--steps", "5"]))
+    assert cfg.preset == "neural_gpu" and cfg.steps == 5
+    argv = ["--preset", "quick", "--model", "neural_gpu"]  # an explicit preset wins
+    assert with_model_preset(argv) == argv and with_model_preset(["--model", "tiny"]) == ["--model", "tiny"]
