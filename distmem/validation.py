@@ -79,7 +79,8 @@ def check_state(state: object, n: int, d: int, lo: int = 0) -> dict[str, Tensor]
     keys, values, ages = state["keys"], state["values"], state["ages"]
     if not keys.is_floating_point() or list(keys.shape) != [n, d]:
         raise ValueError(f"state['keys'] must be a float tensor [{n}, {d}], got {keys.dtype} {list(keys.shape)}")
-    if not torch.isfinite(keys).all():
+    # in blocks: no temporaries the size of a whole memory
+    if not all(torch.isfinite(keys[i:i + (1 << 18)]).all() for i in range(0, n, 1 << 18)):
         raise ValueError("state['keys'] must be finite")
     for name, tensor, low in (("values", values, -1), ("ages", ages, 0)):
         if tensor.dtype != torch.int64 or list(tensor.shape) != [n]:
