@@ -138,15 +138,22 @@ class IvfBackend:
     def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int) -> None:
         """Record the recall of this search's first queries against the exact search."""
         _, exact = self._exact.search(keys, queries, k)
-        at_k = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.cpu(), exact.cpu())) / exact.numel()
+        at_1, at_k = recall_at(exact, ids)
         self.checks = self.checks[-999:] + [{
             "search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
-            "recall_at_1": float((ids[:, 0] == exact[:, 0]).float().mean()), "recall_at_k": at_k}]
+            "recall_at_1": at_1, "recall_at_k": at_k}]
 
     def stats(self) -> dict:
         """Lists, probes, trainings, and the recall checks so far (every `ivf_check_every` searches)."""
         return {"name": self.name, "lists": self.lists, "nprobe": self.nprobe, "trainings": self.trainings,
                 "writes": self.total_writes, "checks": list(self.checks)}
+
+
+def recall_at(want: Tensor, got: Tensor) -> tuple[float, float]:
+    """(recall@1, recall@k) of candidate ids got [B, k] against the exact ones want [B, k]."""
+    want, got = want.cpu(), got.cpu()
+    at_k = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got)) / want.numel()
+    return float((want[:, 0] == got[:, 0]).float().mean()), at_k
 
 
 def _float32(x: Tensor) -> np.ndarray:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.backends import TorchExactBackend
+from distmem.ivf import recall_at
 from distmem.runs import RunStore
 
 
@@ -151,12 +152,6 @@ def random_keys(size: int, dim: int, seed: int) -> torch.Tensor:
         n = min(1 << 20, size - start)
         out[start:start + n] = F.normalize(torch.randn(n, dim, generator=g), dim=1)
     return out
-
-
-def recall_at(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """(recall@1, recall@k) of candidate ids got [B, k] against want [B, k]."""
-    at_k = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got)) / want.numel()
-    return (want[:, 0] == got[:, 0]).float().mean().item(), at_k
 
 
 def peak_rss_gib() -> float:
