@@ -12,12 +12,15 @@ current by the memory's in-place slot rewrites.
 - Every `ivf_check_every` searches it compares the first 32 queries' candidates with the exact
   search and records the recall (`stats()`), so a run shows how the recall holds as keys drift.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
-  IVF cannot): on a GPU memory the keys and the re-scoring stay on the GPU, and each step moves
+  IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
-- The index stores float32 keys (IndexIVFFlat) for a float32 memory, fp16 or 8-bit codes
-  (IndexIVFScalarQuantizer) for a 16-bit or 8-bit one, whose candidates are then re-scored from
-  the memory's own keys. They are sorted by (score, lower id), as the exact backends do; a query whose
-  probed lists hold fewer than k slots falls back to the exact search.
+- The lists hold each key as the memory stores it: float32 (IndexIVFFlat), or for a compressed
+  memory the same 16 or 8 bits (IndexIVFScalarQuantizer over the keys, not residuals: fp16 /
+  bf16, or for 8-bit keys a uniform quantiser whose levels are the codes -127..127 themselves),
+  so the scores faiss returns are the memory's own (to float rounding) and need no re-scoring.
+  (A trained 8-bit quantiser of its own picked the wrong candidates among close keys.) The
+  candidates are sorted by (score, lower id), as the exact backends do; a query whose probed
+  lists hold fewer than k slots falls back to the exact search.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from distmem.backends import TorchExactBackend, _import_faiss
 from distmem.config import MemoryConfig
-from distmem.keycodes import decode
+from distmem.keycodes import INT8_SCALE
 from distmem.topk import sort_by_score_then_id
 
 
@@ -55,7 +58,9 @@ class IvfBackend:
         self.nprobe = config.ivf_probe
         self.train_after = max(1, math.ceil(config.ivf_train_after * n))
         self.retrain_every = math.ceil(config.ivf_retrain_every * n)
-        self.codes = {"float32": None, "int8": "QT_8bit"}.get(config.key_dtype, "QT_fp16")
+        self.codes = {"float32": None, "float16": "QT_fp16", "bfloat16": "QT_bf16",
+                      "int8": "QT_8bit_uniform"}[config.key_dtype]
+        self.score_scale = 1 / INT8_SCALE if config.key_dtype == "int8" else 1.0  # codes are round(127 x)
         self.seed = config.seed
         self._exact = TorchExactBackend(config.chunk_size)
         self.check_every = config.ivf_check_every
@@ -100,13 +105,16 @@ class IvfBackend:
         metric = self.faiss.METRIC_INNER_PRODUCT
         if self.codes:  # the index's codes as compact as the memory's keys
             index = self.faiss.IndexIVFScalarQuantizer(quantizer, self.d, self.lists,
-                                                        getattr(self.faiss.ScalarQuantizer, self.codes), metric)
+                                                        getattr(self.faiss.ScalarQuantizer, self.codes), metric,
+                                                        False)  # by_residual off: the stored keys, exactly
         else:
             index = self.faiss.IndexIVFFlat(quantizer, self.d, self.lists, metric)
         index.cp.seed = self.seed + self.trainings
         index.cp.niter = 10  # k-means iterations (faiss: 25); the keys drift anyway
         index.cp.spherical = True  # unit centroids: an inner-product assignment would favour long ones
         index.train(sample)
+        if self.codes == "QT_8bit_uniform":  # levels -127.5 + (c + 0.5) = c - 127: the int8 codes, exactly
+            self.faiss.copy_array_to_vector(np.array([-127.5, 255.0], dtype=np.float32), index.sq.trained)
         for start in range(0, self.n, 1 << 20):  # ids 0..n-1 in order: the direct map is an array
             index.add(_float32(keys[start:start + (1 << 20)]))
         index.make_direct_map()
@@ -125,8 +133,8 @@ class IvfBackend:
         sims, ids = torch.from_numpy(sims).to(keys.device), torch.from_numpy(ids).to(keys.device)
         short = (ids < 0).any(1)
         ids = ids.clamp(min=0)
-        if self.codes:  # the lists' codes only pick the candidates; the memory's own keys score them
-            sims = torch.einsum("bkd,bd->bk", decode(keys[ids]), queries.float())
+        if self.score_scale != 1.0:
+            sims = sims * self.score_scale
         sims, ids = sort_by_score_then_id(sims, ids)
         if short.any():  # the probed lists held fewer than k slots
             rows = short.nonzero().squeeze(1)
@@ -157,4 +165,5 @@ def recall_at(want: Tensor, got: Tensor) -> tuple[float, float]:
 
 
 def _float32(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(decode(x.detach()).cpu().numpy())
+    """Stored keys (or queries) as the index takes them: float32 values, int8 codes unscaled."""
+    return np.ascontiguousarray(x.detach().float().cpu().numpy())

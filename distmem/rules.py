@@ -6,6 +6,7 @@ holds state except `RecentSlots`, the label -> slot table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,14 @@ def age_noise(seed: int, step: int, start: int, count: int, width: float,
     A counter-based generator: the noise of a slot depends only on (seed, step, slot id), so a
     memory split over any number of shards draws exactly the noise of one local memory.
     """
+    slots = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    return age_noise_of(seed, step, slots, width)
+
+
+def age_noise_of(seed: int, step: int, slots: Tensor, width: float) -> Tensor:
+    """`age_noise` of the given slot ids [m] (int64). [m] float64."""
     seed_mix = _fmix32(seed & _MASK32) ^ (((seed >> 32) * 0x9E3779B1) & _MASK32)
     key = _fmix32(seed_mix ^ ((step * 0x632BE5AB) & _MASK32))
-    slots = torch.arange(start, start + count, dtype=torch.int64, device=device)
     h = (((slots & _MASK32) ^ key) * 0x27D4EB2F) & _MASK32
     h = _fmix32(h ^ (slots >> 32))
     h = _fmix32((h + key) & _MASK32)
@@ -43,14 +49,32 @@ def age_noise(seed: int, step: int, start: int, count: int, width: float,
     return (2.0 * unit - 1.0) * width
 
 
-def oldest_slots(ages: Tensor, count: int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def oldest_slots(last_write: Tensor, step: int, count: int, width: float = 0.0, seed: int = 0,
+                 first_id: int = 0) -> tuple[Tensor, Tensor]:
     """The `count` oldest slots by age + noise, oldest first, ties by lower slot id.
 
-    ages [N] int64, noise [N] float64 or None. Returns (scores [count], slot ids [count]).
+    last_write [N] int64: the step of each slot's last write, so its age is step - last_write; the
+    noise is `age_noise(seed, step, ...)` of slot id first_id + i, width `width`. Returns (scores
+    [count] float64, slot ids [count], 0-based), 0 <= count <= N.
+
+    Only slots that can win are scored: with noise in [-width, width), a slot more than 2 width
+    younger than the count-th oldest scores below count others, so an O(N) count of the write
+    steps replaces hashing and ranking every slot (at 16M slots: 2 s a step).
     """
-    score = ages.double() if noise is None else ages.double() + noise
-    scores, ids = ordered_topk(score.unsqueeze(0), count)
-    return scores[0], ids[0]
+    if count == 0:
+        return torch.zeros(0, dtype=torch.float64, device=last_write.device), last_write.new_zeros(0)
+    low, high = int(last_write.min()), int(last_write.max())
+    if high - low <= 4 * len(last_write):  # a histogram of the write steps finds it fastest
+        counts = torch.bincount(last_write - low if low else last_write, minlength=1)
+        kth = low + int(torch.searchsorted(counts.cumsum(0), count))
+    else:  # ages loaded from a file may span any range
+        kth = int(torch.kthvalue(last_write.cpu(), count).values)
+    cand = torch.nonzero(last_write <= kth + math.floor(2 * width)).squeeze(1)  # ascending ids
+    score = (step - last_write[cand]).double()
+    if width > 0:
+        score = score + age_noise_of(seed, step, cand + first_id, width)
+    scores, pos = ordered_topk(score.unsqueeze(0), count)
+    return scores[0], cand[pos[0]]
 
 
 def positive_negative(cand_values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -144,10 +144,8 @@ class MemoryShard:
         """This shard's `count` oldest slots at update `step` by age + noise, oldest first, ties by
         lower id: (scores [c] float64, global ids [c]), c = min(count, n)."""
         self._expect_step(step)
-        noise = None
-        if self.config.age_noise > 0:
-            noise = rules.age_noise(self.config.seed, step, self.lo, self.n, self.config.age_noise, self.device)
-        scores, ids = rules.oldest_slots(self.step - self.last_write, min(count, self.n), noise)
+        scores, ids = rules.oldest_slots(self.last_write, self.step, min(count, self.n), self.config.age_noise,
+                                         self.config.seed, self.lo)
         return scores, ids + self.lo
 
     def apply(self, step: int, write: ShardWrite) -> bool:

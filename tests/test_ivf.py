@@ -148,8 +148,9 @@ def test_compressed_keys_use_a_compressed_index_and_round_trip(tmp_path, key_dty
     assert "ScalarQuantizer" in type(ivf.backend.index).__name__
     q = unit(40, D, seed=5)
     got, want = ivf.shard.search(q), exact.shard.search(q)
-    assert recall(got["ids"], want["ids"]) >= 0.95  # fp16 codes pick the lists' candidates; re-scored from the keys
-    assert torch.equal(got["ids"][:, 0], want["ids"][:, 0])
+    # every list probed: the lists hold the memory's own 16 / 8 bits, so faiss scores as the exact search does
+    assert torch.equal(got["ids"], want["ids"])
+    torch.testing.assert_close(got["sims"], want["sims"], rtol=0, atol=1e-5)
     ivf.save(tmp_path / "m.arrow")
     back = LocalMemory.from_file(tmp_path / "m.arrow", backend="ivf", device="cpu")
     assert back.config == cfg and torch.equal(back.keys, ivf.keys) and state_equal(back.state(), ivf.state())

@@ -145,10 +145,38 @@ def test_age_noise_is_seeded_bounded_and_shard_consistent():
     assert torch.equal(a[300:700], age_noise(3, 7, 300, 400, 8.0))  # a shard draws its own slice
 
 
-def test_oldest_slots_with_noise_rank_by_age_plus_noise():
-    ages = T([0, 10, 10, 3])
-    assert oldest_slots(ages, 3)[1].tolist() == [1, 2, 3]
-    assert oldest_slots(ages, 2, noise=T([0.0, 0.0, 0.5, 0.0], dtype=torch.float64))[1].tolist() == [2, 1]
+def test_oldest_slots_rank_by_age_ties_by_lower_id():
+    last_write = T([10, 0, 0, 7])  # at step 10: ages 0, 10, 10, 3
+    assert oldest_slots(last_write, 10, 3)[1].tolist() == [1, 2, 3]
+    assert oldest_slots(last_write, 10, 0)[1].tolist() == []
+
+
+def brute_force_oldest(last_write, step, count, width, seed, first_id):
+    """Every slot scored: age + noise, sorted by score descending, ties by lower id."""
+    ages = (step - last_write).double()
+    if width:
+        ages = ages + age_noise(seed, step, first_id, len(last_write), width)
+    order = sorted(range(len(ages)), key=lambda i: (-float(ages[i]), i))[:count]
+    return ages[order], T(order)
+
+
+@pytest.mark.parametrize("width", [0.0, 0.5, 2.0, 8.0])
+def test_oldest_slots_equal_scoring_every_slot(width):
+    """Only slots that can win are scored; the result is that of scoring all (ties, fresh slots,
+    loaded ages beyond the step, a span of write steps too wide for a histogram)."""
+    g = torch.Generator().manual_seed(int(width * 10))
+    for trial in range(40):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        spread = [3, 40, 1000, 10 ** 12][trial % 4]
+        last_write = torch.randint(-5, spread, (n,), generator=g)
+        last_write[torch.rand(n, generator=g) < 0.2] = 0  # never written
+        step = int(last_write.max()) + int(torch.randint(0, 20, (1,), generator=g))
+        count = int(torch.randint(0, n + 1, (1,), generator=g))
+        first_id = int(torch.randint(0, 10 ** 6, (1,), generator=g))
+        scores, ids = oldest_slots(last_write, step, count, width, seed=trial, first_id=first_id)
+        want_scores, want_ids = brute_force_oldest(last_write, step, count, width, trial, first_id)
+        assert ids.tolist() == want_ids.tolist(), (trial, n, count)
+        assert torch.equal(scores, want_scores)
 
 
 def test_noise_changes_which_slots_are_replaced_deterministically():
