@@ -136,7 +136,8 @@ def _above(scores: Tensor, threshold: Tensor) -> tuple[Tensor | None, Tensor | N
     return s, i
 
 
-def _import_faiss():
+def import_faiss():
+    """The faiss module (an optional dependency), or a clear error naming the extra to install."""
     try:
         import faiss  # noqa: PLC0415 - optional dependency, imported on use only
     except ImportError as err:
@@ -154,7 +155,7 @@ class FaissBackend(_Stateless):
     name = "faiss"
 
     def __init__(self, device: torch.device, chunk_size: int | None = None) -> None:
-        self.faiss = _import_faiss()
+        self.faiss = import_faiss()
         self.device = device
         self._exact = TorchExactBackend(chunk_size)  # resolves ties that straddle rank k
         self._gpu_resources = None

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distmem.backends import TorchExactBackend, _import_faiss
+from distmem.backends import TorchExactBackend, import_faiss
 from distmem.config import MemoryConfig
 from distmem.keycodes import INT8_SCALE
 from distmem.topk import sort_by_score_then_id
@@ -52,7 +52,7 @@ class IvfBackend:
     def __init__(self, config: MemoryConfig, n: int, device: torch.device) -> None:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='ivf' keeps its keys on 'cpu' or 'cuda', got device {device}")
-        self.faiss = _import_faiss()
+        self.faiss = import_faiss()
         self.n, self.d = n, config.key_dim
         self.lists = min(config.ivf_lists or default_lists(n), max(1, n // 39))
         self.nprobe = config.ivf_probe

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
-from distmem.backends import TorchExactBackend
+from distmem.backends import TorchExactBackend, import_faiss
 from distmem.ivf import recall_at
 from distmem.runs import RunStore
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(args, "bench-memory-" + args.backend, results)
         return results
 
-    import faiss  # the reference every backend is compared with
+    faiss = import_faiss()  # the reference every backend is compared with
 
     device = torch.device(args.device)
     sync = device.type == "cuda"

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from distmem import LocalMemory, MemoryConfig, ShardedMemory
+from distmem.backends import import_faiss
 from jobs.bench_memory import filled_state, interleaved, median_time, problem, problem_parser, write_results
 
 
@@ -33,9 +34,8 @@ def rss_gib(pids: list[int]) -> dict[str, float]:
 
 
 def set_threads(n: int) -> None:
-    import faiss
     torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
+    import_faiss().omp_set_num_threads(n)
 
 
 def timed(fn) -> float:

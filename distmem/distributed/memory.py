@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from torch import Tensor
 
 from distmem import merge, storage
-from distmem.backends import BACKENDS
+from distmem.backends import BACKENDS, import_faiss
 from distmem.config import MemoryConfig
 from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
 from distmem.memory import MemoryBase
@@ -114,8 +114,7 @@ class ShardActor:
                  storage_dir: str, snapshot_every: int, threads: int) -> None:
         torch.set_num_threads(threads)
         if backend in ("faiss", "ivf"):
-            import faiss  # noqa: PLC0415
-            faiss.omp_set_num_threads(threads)
+            import_faiss().omp_set_num_threads(threads)
         self.shard = MemoryShard(config, lo, hi, backend=backend, device=device,
                                  storage_dir=storage_dir, snapshot_every=snapshot_every)
         self._staged: dict[str, Tensor] | None = None  # a checked part of a load, until every shard has its own
