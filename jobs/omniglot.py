@@ -65,10 +65,11 @@ def run(cfg: OmniglotRunConfig, args) -> dict:
     results = {str(w): evaluate(queries, test, w, cfg.eval_episodes, seed=cfg.seed + 1) for w in (5, 20)}
     memory_info = None
     if memory is not None:
-        state = memory.state()
+        state, placement = memory.state(), memory.placement()
         memory_info = {"step": int(state["step"]), "filled": int((state["values"] >= 0).sum()),
                        "size": cfg.memory_size, "shards": cfg.shards,
-                       "shard_nodes": len({shard["node"] for shard in memory.placement()})}
+                       "shard_nodes": len({shard["node"] for shard in placement}),
+                       "backend": [shard["backend"] for shard in placement]}  # ivf: trainings, recall checks
         memory.shutdown()
     metrics = {"preset": cfg.preset, "mode": cfg.mode, "split": cfg.split, "workers": cfg.workers,
                "shards": cfg.shards, "batches": saved["step"], "episodes": cfg.eval_episodes,
