@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from distmem import LocalMemory, MemoryConfig
 from distmem.backends import TorchExactBackend, import_faiss
 from distmem.ivf import recall_at
+from distmem.keycodes import DTYPES
 from distmem.runs import RunStore
 
 
@@ -132,12 +133,13 @@ def spacing(keys: torch.Tensor, sample: int = 2000) -> float:
     return float((2 - 2 * nearest.clamp(max=1)).sqrt().median())
 
 
-def structured_keys(written: torch.Tensor, size: int, noise: float, seed: int) -> torch.Tensor:
-    """size unit keys [size, d]: rows of `written` drawn with replacement, each plus Gaussian
-    noise of norm about `noise`."""
+def structured_keys(written: torch.Tensor, size: int, noise: float, seed: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """size unit keys [size, d] of `dtype`: rows of `written` drawn with replacement, each plus
+    Gaussian noise of norm about `noise`."""
     dim = written.shape[1]
     g = torch.Generator().manual_seed(seed)
-    out = torch.empty(size, dim)
+    out = torch.empty(size, dim, dtype=dtype)
     for start in range(0, size, 1 << 20):
         n = min(1 << 20, size - start)
         pick = written[torch.randint(0, len(written), (n,), generator=g)]
@@ -145,9 +147,9 @@ def structured_keys(written: torch.Tensor, size: int, noise: float, seed: int) -
     return out
 
 
-def random_keys(size: int, dim: int, seed: int) -> torch.Tensor:
+def random_keys(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    out = torch.empty(size, dim)
+    out = torch.empty(size, dim, dtype=dtype)
     for start in range(0, size, 1 << 20):
         n = min(1 << 20, size - start)
         out[start:start + n] = F.normalize(torch.randn(n, dim, generator=g), dim=1)
@@ -161,13 +163,16 @@ def peak_rss_gib() -> float:
 def compare(args: argparse.Namespace) -> dict:
     """The approximate backend against the exact one (torch) at each of args.sizes."""
     rows = []
+    # 16-bit keys are generated in 16 bits: a float32 source beside both memories would not fit 16M
+    # slots in 24 GiB (so there is no float32 reference for them); 8-bit ones from float32
+    source = DTYPES[args.key_dtype] if args.key_dtype in ("float16", "bfloat16") else torch.float32
     for size in args.sizes:
         if args.keys:  # the saved keys' own scale: noise far above it would blur their structure away
             written = saved_keys(args.keys, args.dim)
             noise = args.key_noise or spacing(written)
-            keys = structured_keys(written, size, noise, seed=0)
+            keys = structured_keys(written, size, noise, seed=0, dtype=source)
         else:
-            noise, keys = args.query_noise, random_keys(size, args.dim, seed=0)
+            noise, keys = args.query_noise, random_keys(size, args.dim, seed=0, dtype=source)
         g = torch.Generator().manual_seed(1)
         picked = torch.randint(0, size, (args.batch,), generator=g)
         q = F.normalize(keys[picked] + noise * torch.randn(args.batch, args.dim, generator=g) / args.dim ** 0.5,
@@ -185,7 +190,7 @@ def compare(args: argparse.Namespace) -> dict:
             memories[name].load_state(state)
             rss[name] = {"build_s": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
         reference = None  # compressed keys: the float32 keys' exact top-k, to measure what compression costs
-        if args.key_dtype != "float32":
+        if args.key_dtype != "float32" and keys.dtype == torch.float32:
             reference = TorchExactBackend().search(keys, q.cpu(), args.k)[1]
         del state, keys
         exact, approx = (memories[name].shard.search(q)["ids"].cpu() for name in ("torch", args.backend))

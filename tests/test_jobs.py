@@ -35,6 +35,9 @@ def test_bench_memory_compares_ivf_with_exact_on_random_and_saved_keys(tmp_path)
     out = bench_memory.main(args[:3] + ["4k"] + args[4:-1] + ["2", "--keys", str(tmp_path / "trained.arrow")])
     (row,) = out["sizes"]
     assert row["nprobe"] == 2 and 0 < row["recall_at_k"] <= 1 and row["recall_at_1"] > 0.5
+    out = bench_memory.main(args[:3] + ["4k"] + args[4:] + ["--key-dtype", "float16"])  # keys made in 16 bits
+    (row,) = out["sizes"]
+    assert row["recall_at_1"] == 1.0 and row["predictions_differ"] == 0.0 and "against_float32" not in row
     with pytest.raises(SystemExit):
         bench_memory.main(["--backend", "ivf", "--sizes", "lots"])
 
