@@ -166,10 +166,11 @@ def compare(args: argparse.Namespace) -> dict:
     # 16-bit keys are generated in 16 bits: a float32 source beside both memories would not fit 16M
     # slots in 24 GiB (so there is no float32 reference for them); 8-bit ones from float32
     source = DTYPES[args.key_dtype] if args.key_dtype in ("float16", "bfloat16") else torch.float32
+    if args.keys:  # the saved keys' own scale: noise far above it would blur their structure away
+        written = saved_keys(args.keys, args.dim)
+        noise = args.key_noise or spacing(written)
     for size in args.sizes:
-        if args.keys:  # the saved keys' own scale: noise far above it would blur their structure away
-            written = saved_keys(args.keys, args.dim)
-            noise = args.key_noise or spacing(written)
+        if args.keys:
             keys = structured_keys(written, size, noise, seed=0, dtype=source)
         else:
             noise, keys = args.query_noise, random_keys(size, args.dim, seed=0, dtype=source)
