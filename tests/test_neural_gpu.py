@@ -82,7 +82,7 @@ def test_step_by_step_decoding_equals_the_teacher_forced_pass():
     teacher = net(src, tgt, mem)
     _, logits = net.greedy(src, length=6, memory=mem, forced=tgt)
     torch.testing.assert_close(logits, teacher.logits, rtol=1e-5, atol=1e-5)
-    assert (teacher.value[:, 1:] >= 0).all() and (teacher.value[:, 0] == -1).all()  # output 0: no memory value
+    assert (teacher.value >= 0).all()  # every output has a memory value (output 0: from the encoder's tape)
     free, _ = net.greedy(src, length=6, memory=mem)
     assert torch.equal(free[:, 0], teacher.logits[:, 0].argmax(-1))  # the first step depends on nothing decided
 
@@ -121,32 +121,72 @@ class RecordingMemory(LocalMemory):
         return super().query(q, k)
 
 
-def test_the_memory_is_queried_at_the_next_position_and_its_value_lands_there():
+@pytest.mark.parametrize("gain", [0.0, 20.0])  # the value through p only (the paper's wiring), and also direct
+def test_the_memory_is_queried_at_the_next_position_and_its_value_lands_there(gain):
     """With 1x1 kernels a tape position never sees its neighbours, so (1) the query of decoder
-    step t depends on the input at position t + 1 only, and (2) a memory value that only the query
-    of position j finds changes the logits of output j only."""
-    net = model(extended=True, use_memory=True, kernel=1)
+    step t depends on the input at position t + 1 only (step 0 also asks for position 0), and (2) a
+    memory value that only the query of position j finds changes the logits of output j only."""
+    net = model(extended=True, use_memory=True, kernel=1, memory_gain=gain)
     src, tgt = tokens(1, 6, IN, seed=4), tokens(1, 6, OUT, seed=5)
     mem = RecordingMemory(MemoryConfig(size=64, key_dim=8, k=1, age_noise=0.0), device="cpu")
     net(src, tgt, mem)
-    asked = torch.cat(mem.asked)  # (5, 8): steps 0..4 ask for positions 1..5
-    assert asked.shape == (5, 8)
-    for j in range(1, 6):
+    asked = torch.cat(mem.asked)  # (6, 8): step 0 asks for positions 0 and 1, steps 1..4 for 2..5
+    assert asked.shape == (6, 8)
+    for j in range(6):
         changed = src.clone()
         changed[0, j] = changed[0, j] % (IN - 1) + 1
         mem.asked.clear()
         net(changed, tgt, mem)
         moved = (torch.cat(mem.asked) - asked).abs().sum(1) > 1e-6
-        assert moved.tolist() == [t + 1 == j for t in range(5)], j
+        assert moved.tolist() == [i == j for i in range(6)], j
     def with_labels(labels):  # a memory holding each asked query with its own label
         mem = _memory(k=1)
         mem.step(asked, torch.tensor(labels))
         return net(src, tgt, mem)
 
-    base = with_labels([1] * 5)
-    assert (base.value[0, 1:] == 1).all()
-    for j in range(1, 6):
-        out = with_labels([OUT - 1 if t + 1 == j else 1 for t in range(5)])  # position j's value only differs
-        assert out.value[0].tolist() == [-1] + [OUT - 1 if i == j else 1 for i in range(1, 6)]
+    base = with_labels([1] * 6)
+    assert (base.value[0] == 1).all()
+    for j in range(6):
+        out = with_labels([OUT - 1 if i == j else 1 for i in range(6)])  # position j's value only differs
+        assert out.value[0].tolist() == [OUT - 1 if i == j else 1 for i in range(6)]
         differs = (out.logits - base.logits).abs().amax(-1)[0] > 1e-6
         assert differs.tolist() == [i == j for i in range(6)], j
+
+
+def test_the_value_s_direct_path_adds_gain_times_confidence_to_its_logit():
+    """Doubling the gain adds gain * confidence to the logit of every output's value, and nothing
+    to any other logit."""
+    net = model(extended=True, use_memory=True)
+    src, tgt = tokens(3, 6, IN, seed=6), tokens(3, 6, OUT, seed=7)
+    mem = _memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(30, 8), dim=-1), torch.randint(1, OUT, (30,)))
+    base = net(src, tgt, mem)
+    assert ((base.confidence > 0) & (base.confidence <= 1)).all()
+    gain = float(net.memory_log_gain.detach().exp())
+    with torch.no_grad():
+        net.memory_log_gain += math.log(2.0)
+    doubled = net(src, tgt, mem)
+    assert torch.equal(doubled.value, base.value)
+    expected = torch.zeros_like(base.logits)
+    for b in range(3):  # one logit per output, by hand
+        for t in range(6):
+            expected[b, t, base.value[b, t]] = gain * base.confidence[b, t]
+    torch.testing.assert_close(doubled.logits - base.logits, expected, rtol=1e-4, atol=1e-4)
+    doubled.loss.backward()  # training reaches the gain (and backward survives the decoder's reads)
+    assert net.memory_log_gain.grad is not None and net.memory_log_gain.grad != 0
+    with pytest.raises(ValueError, match="memory_gain"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, extended=True, use_memory=True, memory_gain=-1.0)
+
+
+def test_teacher_forced_queries_are_the_training_pass_s_reads():
+    net = model(extended=True, use_memory=True)
+    src, tgt = tokens(3, 6, IN, seed=8), tokens(3, 5, OUT, seed=9)
+    tgt[0, 3:] = 0  # padding is not written
+    mem = _memory()
+    mem.step(torch.nn.functional.normalize(torch.randn(30, 8), dim=-1), torch.randint(1, OUT, (30,)))
+    out = net(src, tgt, mem)
+    queries, labels = net.teacher_forced_queries(src, tgt, mem)
+    torch.testing.assert_close(queries, out.read.query)
+    assert torch.equal(labels, out.read.labels) and len(labels) == 3 * 5 - 2
+    with pytest.raises(ValueError, match="no memory"):
+        model(extended=True).teacher_forced_queries(src, tgt, mem)

@@ -16,9 +16,16 @@ shared by every step) to the whole tape.
   network learns to use these values to produce the output in the next step." Before the CGRUs
   of step t the query is row 0 of the decoder tape at position t + 1 (label: output t + 1), and
   the returned value's embedding goes onto p at position t + 1, which step t + 1 reads when it
-  produces output t + 1 (then p[t + 1] is overwritten by the decided output). Output 0 has no
-  memory value, as in the public code. The logits are tied to the target embedding, so a value
-  the network copies from p raises its own logit, also for a token never emitted in training.
+  produces output t + 1 (then p[t + 1] is overwritten by the decided output). The public code
+  gives output 0 no value; distmem also queries position 0 before step 0 (from the encoder's
+  final tape): a model that leans on its memory was otherwise wrong at output 0 about 3 times in
+  4 (measured). The logits are tied to the target embedding, so a value the network copies from
+  p raises its own logit, also for a token never emitted in training.
+- distmem's addition (`memory_gain` > 0): the read's confidence times a learned gain is added to
+  the value's own logit at that position, a direct path like the seq2seq model's. Without it the
+  network has to learn to copy p through its CGRUs, which the rare symbols' few returns never
+  taught it; through the tied embedding instead of the logit, a never-seen symbol's bonus shrinks
+  with its embedding, which training pushes down (measured: docs/experiments.md).
 
 The model reads the memory only; the caller writes (`memory.write(out.read)`).
 Shapes: src [B, n] int64 (0 = padding); tgt [B, T] int64 with T <= n (0 = padding).
@@ -26,6 +33,7 @@ Shapes: src [B, n] int64 (0 = padding); tgt [B, T] int64 with T <= n (0 = paddin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +61,14 @@ class NeuralGPUConfig:
     gate_bias: float = 1.0    # initial bias of the CGRU gates: > 0 starts by keeping the state
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
+    # the value's direct path: initial gain * confidence added to its logit (learned on a log
+    # scale; 0: none, the value reaches the logits only through the output tape p, the paper's wiring)
+    memory_gain: float = 20.0
+    recall_k: int = 16        # candidates of the decoder's read: the confidence is n1's softmax weight over them
     pad: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("in_vocab", "out_vocab", "nmaps", "height", "kernel", "nconvs"):
+        for name in ("in_vocab", "out_vocab", "nmaps", "height", "kernel", "nconvs", "recall_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.kernel % 2 == 0:
@@ -65,6 +77,8 @@ class NeuralGPUConfig:
             raise ValueError(f"cutoff: expected >= 1 (1: the plain sigmoid), got {self.cutoff}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if not (self.memory_gain >= 0 and math.isfinite(self.memory_gain)):
+            raise ValueError(f"memory_gain: expected a finite value >= 0 (0: no direct path), got {self.memory_gain}")
         if self.use_memory and not self.extended:
             raise ValueError("use_memory: the memory needs the Extended Neural GPU (extended=True)")
 
@@ -105,12 +119,14 @@ class CGRU(nn.Module):
 @dataclass
 class NeuralGPUOutput:
     """logits [B, T, V]; ce: mean cross-entropy over non-padding targets; read: the memory read of
-    the positions that had one (None without memory); value [B, T] (-1: none)."""
+    the positions that had one (None without memory); value [B, T] (-1: none) and confidence
+    [B, T] of the decoder's reads."""
 
     logits: Tensor
     ce: Tensor | None
     read: MemoryRead | None
     value: Tensor
+    confidence: Tensor
 
     @property
     def loss(self) -> Tensor:
@@ -138,6 +154,8 @@ class NeuralGPU(nn.Module):
             self.output = nn.Linear(m, cfg.out_vocab)
         if cfg.use_memory:
             self.memory_layer = MemoryLayer(m)
+            if cfg.memory_gain > 0:  # log scale: the gain has to grow several-fold (the seq2seq model's ~20)
+                self.memory_log_gain = nn.Parameter(torch.tensor(math.log(cfg.memory_gain)))
 
     # -- building blocks -------------------------------------------------------------------------
     def _steps(self, cgrus: nn.ModuleList, s: Tensor, extra: Tensor | None = None) -> Tensor:
@@ -156,9 +174,16 @@ class NeuralGPU(nn.Module):
             s = self._steps(self.encoder, s)
         return s
 
-    def _logits(self, row: Tensor) -> Tensor:
-        """Row-0 cells [..., m] -> logits [..., V] (extended: tied to the target embedding)."""
-        return row @ self.target_embed.weight.T if self.cfg.extended else self.output(row)
+    def _logits(self, row: Tensor, value: Tensor | None = None, confidence: Tensor | None = None) -> Tensor:
+        """Row-0 cells [..., m] -> logits [..., V] (extended: tied to the target embedding); with the
+        memory's value [...] (-1: none) and confidence [...], the value's direct path added."""
+        if not self.cfg.extended:
+            return self.output(row)
+        logits = row @ self.target_embed.weight.T
+        if value is not None and hasattr(self, "memory_log_gain"):  # + gain * confidence at the value's logit
+            bonus = self.memory_log_gain.exp() * confidence * (value >= 0)
+            logits = logits.scatter_add(-1, value.clamp(min=0)[..., None], bonus[..., None])
+        return logits
 
     def _place(self, p: Tensor, position: int, cells: Tensor) -> Tensor:
         """p [B, m, h, n] with every row of `position` set to cells [B, m] (out of place: p is kept
@@ -191,25 +216,31 @@ class NeuralGPU(nn.Module):
             if tgt is not None and tgt.shape[1] < n:
                 tgt = F.pad(tgt, (0, n - tgt.shape[1]))
             value = torch.full((B, n), -1, dtype=torch.int64, device=src.device)
-            return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), None, value)
+            return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), None, value,
+                                   torch.zeros(B, n, device=src.device))
         if tgt is None:
             raise ValueError("tgt: the Extended Neural GPU's teacher-forced pass needs the targets [B, T]")
-        _, logits, value, queries = self._decode(s, tgt.shape[1], memory, forced=tgt)
+        _, logits, value, confidence, queries = self._decode(s, tgt.shape[1], memory, forced=tgt)
         read = None
         if queries is not None:  # one read of every query (step-major): the memory loss and the write's plan
-            labels = tgt[:, 1:].T  # (T - 1, B)
+            labels = tgt.T  # (T, B)
             keep = labels != self.cfg.pad
             read = memory.read(queries[keep], labels[keep])
-        return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value)
+        return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value, confidence)
 
     @torch.no_grad()
     def teacher_forced_queries(self, src: Tensor, tgt: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
         """The memory's queries [N, m] and labels [N] of a teacher-forced pass that reads `memory`
         (the queries depend on the values read before them), without a gradient: for writing traffic."""
-        out = self(src, tgt, memory)
-        if out.read is None:
-            raise ValueError("teacher_forced_queries: the model has no memory or the targets are one long")
-        return out.read.query, out.read.labels
+        if not self.cfg.extended or not self.cfg.use_memory or memory is None:
+            raise ValueError("teacher_forced_queries: the model has no memory (or none was passed)")
+        check_tokens("tgt", tgt, self.cfg.out_vocab, rows=src.shape[0])
+        if tgt.shape[1] > src.shape[1]:
+            raise ValueError(f"tgt: expected at most {src.shape[1]} positions (the tape's length), got {tgt.shape[1]}")
+        queries = self._decode(self.encode(src), tgt.shape[1], memory, forced=tgt)[-1]
+        labels = tgt.T  # (T, B), position-major like the queries
+        keep = labels != self.cfg.pad
+        return queries[keep], labels[keep]
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,36 +257,45 @@ class NeuralGPU(nn.Module):
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0, :T].transpose(1, 2))
             return logits.argmax(-1), logits
-        tokens, logits, _, _ = self._decode(s, T, memory, forced)
+        tokens, logits, *_ = self._decode(s, T, memory, forced)
         return tokens, logits
 
     def _decode(self, s: Tensor, T: int, memory: Memory | None,
-                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The extended model's T decoder steps from the encoder's tape s: each output onto p is
         forced[:, t] (teacher forcing) or the argmax. Returns tokens [B, T], logits [B, T, V], the
-        memory's values [B, T] (-1: none) and its queries [T - 1, B, m] (None without a memory)."""
+        memory's values [B, T] (-1: none) and confidences [B, T], and its queries [T, B, m] (None
+        without a memory)."""
         B = s.shape[0]
         d, p = s, torch.zeros_like(s)
         use_memory = self.cfg.use_memory and memory is not None
-        value = torch.full((B, T), -1, dtype=torch.int64, device=s.device)
-        tokens, logits, queries = [], [], []
+        # output t's memory value and confidence (lists: the logits keep each step's for backward)
+        value, confidence, tokens, logits, queries = [], [], [], [], []
         for t in range(T):
-            if use_memory and t + 1 < T:
-                p, value[:, t + 1], q = self._recall_next(d, p, t, memory)
-                queries.append(q)
+            for position in range(0 if t == 0 else t + 1, min(t + 2, T)):  # step 0 reads positions 0 and 1
+                if use_memory:
+                    p, v, c, q = self._recall(d, p, position, memory)
+                    queries.append(q)
+                else:
+                    v, c = torch.full((B,), -1, dtype=torch.int64, device=s.device), torch.zeros(B, device=s.device)
+                value.append(v)
+                confidence.append(c)
             d = self._steps(self.decoder, d, p)
-            logits.append(self._logits(d[:, :, 0, t]))
+            logits.append(self._logits(d[:, :, 0, t], value[t], confidence[t]))
             tokens.append(logits[-1].argmax(-1) if forced is None else forced[:, t])
             p = self._place(p, t, self.target_embed(tokens[-1]))
-        return torch.stack(tokens, 1), torch.stack(logits, 1), value, torch.stack(queries) if queries else None
+        return (torch.stack(tokens, 1), torch.stack(logits, 1), torch.stack(value, 1), torch.stack(confidence, 1),
+                torch.stack(queries) if queries else None)
 
 
-    def _recall_next(self, d: Tensor, p: Tensor, t: int, memory: Memory) -> tuple[Tensor, Tensor, Tensor]:
-        """Before decoder step t: query the memory from d at position t + 1 and put the value's
-        embedding onto p there. Returns (p, values [B], queries [B, m])."""
-        q = self.queries(d, t + 1)
-        got = memory.query(q.detach(), k=1).prediction.to(d.device)  # the value is the nearest slot's: top-1
-        return self._place(p, t + 1, self.recalled(got)), got, q
+    def _recall(self, d: Tensor, p: Tensor, position: int,
+                memory: Memory) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Query the memory from the decoder tape d at `position` and put the value's embedding
+        onto p there. Returns (p, values [B], confidences [B], queries [B, m])."""
+        q = self.queries(d, position)
+        got = memory.query(q.detach(), k=min(self.cfg.recall_k, memory.config.k))  # the value: the nearest slot's
+        value, confidence = got.prediction.to(d.device), got.confidence.to(d.device)
+        return self._place(p, position, self.recalled(value)), value, confidence, q
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, length: int | None = None, memory: Memory | None = None,
@@ -275,16 +315,23 @@ class NeuralGPU(nn.Module):
         score = torch.full((B, beam), float("-inf"), device=src.device)
         score[:, 0] = 0.0  # one live hypothesis at the start
         tokens = torch.zeros(B * beam, 0, dtype=torch.int64, device=src.device)
+        use_memory = self.cfg.use_memory and memory is not None
+        value = torch.full((B * beam,), -1, dtype=torch.int64, device=src.device)  # output t's memory value
+        confidence = torch.zeros(B * beam, device=src.device)
+        if use_memory:  # output 0's value, from the encoder's tape
+            p, value, confidence, _ = self._recall(d, p, 0, memory)
         for t in range(T):
-            if self.cfg.use_memory and memory is not None and t + 1 < T:
-                p = self._recall_next(d, p, t, memory)[0]
+            value_t, confidence_t = value, confidence
+            if use_memory and t + 1 < T:
+                p, value, confidence, _ = self._recall(d, p, t + 1, memory)
             d = self._steps(self.decoder, d, p)
-            logp = torch.log_softmax(self._logits(d[:, :, 0, t]), -1)  # (B * beam, V)
+            logp = torch.log_softmax(self._logits(d[:, :, 0, t], value_t, confidence_t), -1)  # (B * beam, V)
             V = logp.shape[-1]
             score, flat = (score[:, :, None] + logp.view(B, beam, V)).view(B, -1).topk(beam, dim=1)
             parent = (flat // V + torch.arange(B, device=src.device)[:, None] * beam).view(-1)
             token = (flat % V).view(-1)
             d, p = d[parent], self._place(p[parent], t, self.target_embed(token))
+            value, confidence = value[parent], confidence[parent]
             tokens = torch.cat([tokens[parent], token[:, None]], 1)
         return tokens.view(B, beam, T)[:, 0], score[:, 0]
 
