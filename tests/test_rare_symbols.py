@@ -162,6 +162,23 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     assert "without" in out.stdout and str(run.resolve()) in out.stdout
 
 
+@pytest.mark.slow  # about 1 minute on 2 cores
+def test_quick_preset_with_the_extended_neural_gpu_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--model", "neural_gpu", "--nmaps", "16",
+           "--height", "2", "--storage", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["nmaps"]) == ("neural_gpu", 16)
+    for variant in ("memory", "baseline"):
+        assert all(r["probes"] == 16 for r in metrics["results"][variant].values())
+    assert metrics["memory_gain"] > 0  # the value's direct path was trained
+    saved = LocalMemory.from_file(run / "memory" / "checkpoints" / "step-0000020" / "memory", device="cpu")
+    assert saved.config.key_dim == 16 and saved.step_count == 20 and (saved.values >= 0).sum() > 0
+
+
 def test_model_neural_gpu_starts_from_its_own_preset():
     from distmem.cli import parse_run_config
     from distmem.tasks.rare_symbols import PRESETS, RareSymbolRunConfig
