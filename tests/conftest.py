@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,15 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 state_equal = states_equal  # the tests' name for it
+
+
+def run_job(module: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, as a user runs a job; fails the test
+    with the tail of its output unless it exits 0."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ from distmem.tasks.algorithmic.data import (
 )
 from distmem.tasks.algorithmic.task import answer, load_trained
 
+from conftest import run_job
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -142,9 +144,7 @@ def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_p
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
     """Ray Train (2 trainers), the generalisation test, metrics.json and the plot."""
-    out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu", "--preset", "quick", "--storage", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_job("jobs.neural_gpu", "--preset", "quick", "--storage", str(tmp_path))
     run = next(tmp_path.iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
     assert sorted(map(int, metrics["sequence_accuracy"])) == [8, 16]

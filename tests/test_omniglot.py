@@ -4,10 +4,7 @@ The training loop itself is tested in test_training.py."""
 
 import io
 import json
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +21,7 @@ from distmem.tasks.omniglot.data import ZIPS, Split, default_data_dir, load_omni
 from distmem.tasks.omniglot.evaluation import embed, evaluate, one_shot_predictions
 from distmem.tasks.omniglot.training import sample_episodes
 
-from conftest import unit
-
-ROOT = Path(__file__).parents[1]
+from conftest import run_job, unit
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +123,8 @@ def test_evaluation_reports_intervals():
 
 @pytest.mark.slow  # about 4 minutes on 2 cores
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.omniglot", "--preset", "quick", "--mode", "lifelong", "--workers", "2",
-           "--shards", "2", "--runs", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_job("jobs.omniglot", "--preset", "quick", "--mode", "lifelong", "--workers", "2", "--shards", "2",
+                  "--runs", str(tmp_path), timeout=600)
     run = next(tmp_path.iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mode"] == "lifelong" and metrics["workers"] == 2 and metrics["batches"] == 4
@@ -151,9 +144,7 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
     assert metrics["memory"]["step"] == 4 * 50 and metrics["memory"]["shard_nodes"] == 1
 
     # resumed for 2 more batches: the model, the optimizer and the life-long memory continue from batch 4
-    out = subprocess.run([*cmd[:3], "--resume", str(run), "--batches", "6"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_job("jobs.omniglot", "--resume", str(run), "--batches", "6", timeout=600)
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["batches"] == 6 and resumed["memory"]["step"] == 6 * 50  # not 2 * 50: the memory was restored
     assert [c["step"] for c in resumed["curve"]] == [2, 4, 6] and resumed["curve"][:2] == metrics["curve"]

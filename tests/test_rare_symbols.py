@@ -2,10 +2,7 @@
 test stream, the protocol's bookkeeping, and a smoke run of the job's quick preset."""
 
 import json
-import subprocess
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +15,8 @@ from distmem.tasks.rare_symbols.data import ProbeStream, RareSymbolTask, Trainin
 from distmem.tasks.rare_symbols.protocol import ProbeResult, run_protocol, summarize
 from distmem.tasks.rare_symbols.training import to_tensors
 
-ROOT = Path(__file__).parents[1]
+from conftest import run_job
+
 TASK = RareSymbolTask(seed=3)
 
 
@@ -144,10 +142,8 @@ def test_the_protocol_with_the_extended_neural_gpu_reads_and_writes_its_memory()
 
 @pytest.mark.slow  # about 1.5 minutes on 2 cores
 def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--workers", "2", "--shards", "2",
-           "--storage", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_job("jobs.rare_symbols", "--preset", "quick", "--workers", "2", "--shards", "2",
+                  "--storage", str(tmp_path))
     (run,) = tmp_path.iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["workers"] == 2 and metrics["shards"] == 2 and set(metrics["results"]) == {"memory", "baseline"}
@@ -164,10 +160,8 @@ def test_quick_preset_smoke_run_with_two_workers_and_two_shards(tmp_path):
 
 @pytest.mark.slow  # about 1 minute on 2 cores
 def test_quick_preset_with_the_extended_neural_gpu_end_to_end(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.rare_symbols", "--preset", "quick", "--model", "neural_gpu", "--nmaps", "16",
-           "--height", "2", "--storage", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_job("jobs.rare_symbols", "--preset", "quick", "--model", "neural_gpu", "--nmaps", "16", "--height", "2",
+            "--storage", str(tmp_path))
     (run,) = tmp_path.iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())

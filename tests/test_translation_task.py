@@ -27,6 +27,8 @@ from distmem.tasks.translation.task import TranslationTask
 from distmem.tasks.translation.training import Translator, bucket_batches, make_batch
 from distmem.training import skip_rows
 
+from conftest import run_job
+
 ROOT = Path(__file__).parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -156,10 +158,8 @@ def test_the_job_ends_a_missing_data_folder_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
     """Both variants on Ray Train (2 trainers, 2 memory shards), the test set's three evaluations."""
-    out = subprocess.run([sys.executable, "-m", "jobs.translate", "--preset", "quick", "--storage", str(tmp_path),
-                          "--prepared", str(tmp_path / "prepared")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_job("jobs.translate", "--preset", "quick", "--storage", str(tmp_path), "--prepared",
+                  str(tmp_path / "prepared"), timeout=1200)
     run = next(p for p in tmp_path.iterdir() if p.name.startswith("translate-quick"))
     metrics = json.loads((run / "metrics.json").read_text())
     result = metrics["results"]["test_2016_flickr"]
@@ -176,12 +176,9 @@ def test_quick_preset_end_to_end(tmp_path):
 def test_wmt14_sample_preset_end_to_end(tmp_path):
     """The WMT path: the 10k sample prepared, both variants trained, newstest2013 as the dev
     curve, both newstest2014 sets evaluated (their first sentences, to fit CI)."""
-    out = subprocess.run([sys.executable, "-m", "jobs.translate", "--preset", "wmt14-sample", "--storage",
-                          str(tmp_path), "--prepared", str(tmp_path / "prepared"), "--steps", "30",
-                          "--eval-every", "15", "--dev-sentences", "20", "--test-sentences", "60",
-                          "--checkpoint-every", "15", "--beam", "2"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1500)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_job("jobs.translate", "--preset", "wmt14-sample", "--storage", str(tmp_path), "--prepared",
+                  str(tmp_path / "prepared"), "--steps", "30", "--eval-every", "15", "--dev-sentences", "20",
+                  "--test-sentences", "60", "--checkpoint-every", "15", "--beam", "2", timeout=1500)
     run = next(p for p in tmp_path.iterdir() if p.name.startswith("translate-wmt14-sample"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["prepared"]["counts"]["read"] == 10_000
