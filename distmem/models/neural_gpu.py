@@ -207,9 +207,7 @@ class NeuralGPU(nn.Module):
         gold outputs as labels."""
         B, n = src.shape
         if tgt is not None:
-            check_tokens("tgt", tgt, self.cfg.out_vocab, rows=B)
-            if tgt.shape[1] > n:
-                raise ValueError(f"tgt: expected at most {n} positions (the tape's length), got {tgt.shape[1]}")
+            self._check_targets(src, tgt)
         s = self.encode(src)
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0].transpose(1, 2))  # (B, n, V)
@@ -222,10 +220,8 @@ class NeuralGPU(nn.Module):
             raise ValueError("tgt: the Extended Neural GPU's teacher-forced pass needs the targets [B, T]")
         _, logits, value, confidence, queries = self._decode(s, tgt.shape[1], memory, forced=tgt)
         read = None
-        if queries is not None:  # one read of every query (step-major): the memory loss and the write's plan
-            labels = tgt.T  # (T, B)
-            keep = labels != self.cfg.pad
-            read = memory.read(queries[keep], labels[keep])
+        if queries is not None:  # one read of every query: the memory loss and the write's plan
+            read = memory.read(*self._labelled(queries, tgt))
         return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value, confidence)
 
     @torch.no_grad()
@@ -234,11 +230,18 @@ class NeuralGPU(nn.Module):
         (the queries depend on the values read before them), without a gradient: for writing traffic."""
         if not self.cfg.extended or not self.cfg.use_memory or memory is None:
             raise ValueError("teacher_forced_queries: the model has no memory (or none was passed)")
+        self._check_targets(src, tgt)
+        return self._labelled(self._decode(self.encode(src), tgt.shape[1], memory, forced=tgt)[-1], tgt)
+
+    def _check_targets(self, src: Tensor, tgt: Tensor) -> None:
         check_tokens("tgt", tgt, self.cfg.out_vocab, rows=src.shape[0])
         if tgt.shape[1] > src.shape[1]:
             raise ValueError(f"tgt: expected at most {src.shape[1]} positions (the tape's length), got {tgt.shape[1]}")
-        queries = self._decode(self.encode(src), tgt.shape[1], memory, forced=tgt)[-1]
-        labels = tgt.T  # (T, B), position-major like the queries
+
+    def _labelled(self, queries: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's queries [T, B, m] (position-major) and their gold labels, padding left out:
+        (queries [N, m], labels [N])."""
+        labels = tgt.T
         keep = labels != self.cfg.pad
         return queries[keep], labels[keep]
 
@@ -270,14 +273,17 @@ class NeuralGPU(nn.Module):
         d, p = s, torch.zeros_like(s)
         use_memory = self.cfg.use_memory and memory is not None
         # output t's memory value and confidence (lists: the logits keep each step's for backward)
+        none = torch.full((B,), -1, dtype=torch.int64, device=s.device), torch.zeros(B, device=s.device)
         value, confidence, tokens, logits, queries = [], [], [], [], []
         for t in range(T):
-            for position in range(0 if t == 0 else t + 1, min(t + 2, T)):  # step 0 reads positions 0 and 1
+            for position in ((0, 1) if t == 0 else (t + 1,)):  # before step t: position t + 1 (step 0: also 0)
+                if position >= T:
+                    continue
                 if use_memory:
                     p, v, c, q = self._recall(d, p, position, memory)
                     queries.append(q)
                 else:
-                    v, c = torch.full((B,), -1, dtype=torch.int64, device=s.device), torch.zeros(B, device=s.device)
+                    v, c = none
                 value.append(v)
                 confidence.append(c)
             d = self._steps(self.decoder, d, p)

@@ -71,6 +71,6 @@ def train_step(model: Seq2Seq | NeuralGPU, memory: Memory | None, task: RareSymb
         metrics["return_accuracy"] = float((pred[rows, pos] == want).float().mean())
         if out.read is not None:  # what the memory itself returned there
             metrics["return_memory_accuracy"] = float((out.value[rows, pos] == want).float().mean())
-            if hasattr(out, "confidence"):  # the seq2seq model scales the value's embedding by it
+            if hasattr(out, "confidence"):  # both models scale the value's direct path by it
                 metrics["return_confidence"] = float(out.confidence[rows, pos].detach().mean())
     return metrics
