@@ -27,6 +27,8 @@ class MemoryConfig:
         shard's slots) and re-train after every further ivf_retrain_every x slots (0: never).
     ivf_check_every: every this many searches, measure the recall of a few queries against the
         exact search (0: never).
+    ivf_target_recall_at_1, ivf_target_recall_at_k: recall targets in [0, 1] (0: none, nprobe stays
+        ivf_probe); with either, every check sets nprobe to what the targets need (see distmem.ivf).
     """
 
     size: int
@@ -42,6 +44,8 @@ class MemoryConfig:
     ivf_train_after: float = 0.5
     ivf_retrain_every: float = 1.0
     ivf_check_every: int = 100
+    ivf_target_recall_at_1: float = 0.0
+    ivf_target_recall_at_k: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("size", "key_dim", "k", "seed", "chunk_size"):
@@ -58,6 +62,12 @@ class MemoryConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"MemoryConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("ivf_target_recall_at_1", "ivf_target_recall_at_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ValueError(f"MemoryConfig.{name} must be a number in [0, 1], got {value!r}")
+        if (self.ivf_target_recall_at_1 or self.ivf_target_recall_at_k) and not self.ivf_check_every:
+            raise ValueError("MemoryConfig.ivf_check_every must be >= 1 with a recall target (the checks set nprobe)")
         for name in ("size", "key_dim", "k", "chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"MemoryConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -11,6 +11,10 @@ current by the memory's in-place slot rewrites.
   network trains; 0: never). A (re-)training rebuilds the index from the current keys.
 - Every `ivf_check_every` searches it compares the first 32 queries' candidates with the exact
   search and records the recall (`stats()`), so a run shows how the recall holds as keys drift.
+- With recall targets (`ivf_target_recall_at_1`, `ivf_target_recall_at_k` > 0) each check also
+  sets nprobe: from the probe rank of each exact candidate's list it knows the fewest lists that
+  would have met both targets on its queries, and probes `PROBE_MARGIN` times that many (the
+  keys keep drifting until the next check). nprobe may fall as well as rise.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
@@ -35,6 +39,9 @@ from distmem.backends import TorchExactBackend, import_faiss
 from distmem.config import MemoryConfig
 from distmem.keycodes import INT8_SCALE
 from distmem.topk import sort_by_score_then_id
+
+PROBE_MARGIN = 1.5  # probes per probe a check found needed: headroom for the drift until the next check
+CHECK_QUERIES = 32
 
 
 def default_lists(n: int) -> int:
@@ -64,6 +71,7 @@ class IvfBackend:
         self.seed = config.seed
         self._exact = TorchExactBackend(config.chunk_size)
         self.check_every = config.ivf_check_every
+        self.target_1, self.target_k = config.ivf_target_recall_at_1, config.ivf_target_recall_at_k
         self.index = None
         self.writes = 0        # slot writes since the last training (or reset)
         self.total_writes = 0
@@ -139,17 +147,39 @@ class IvfBackend:
         if short.any():  # the probed lists held fewer than k slots
             rows = short.nonzero().squeeze(1)
             sims[rows], ids[rows] = self._exact.search(keys, queries[rows], k)
-        if self.check_every and self.searches % self.check_every == 1:
-            self._check(keys, queries[:32], ids[:32], k)
+        if self.check_every and (self.searches - 1) % self.check_every == 0:  # searches 1, 1 + every, ...
+            self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k)
         return sims, ids
 
     def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int) -> None:
-        """Record the recall of this search's first queries against the exact search."""
+        """Record the recall of this search's first queries against the exact search; with recall
+        targets, set nprobe from what these queries needed."""
         _, exact = self._exact.search(keys, queries, k)
         at_1, at_k = recall_at(exact, ids)
-        self.checks = self.checks[-999:] + [{
-            "search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
-            "recall_at_1": at_1, "recall_at_k": at_k}]
+        check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
+                 "nprobe": int(self.index.nprobe), "recall_at_1": at_1, "recall_at_k": at_k}
+        if self.target_1 or self.target_k:
+            needed = self.probes_needed(queries, exact)
+            self.nprobe = self.index.nprobe = min(self.lists, max(1, math.ceil(PROBE_MARGIN * needed)))
+            check.update(probes_needed=needed, nprobe_next=self.nprobe)
+        self.checks = self.checks[-999:] + [check]
+
+    def probes_needed(self, queries: Tensor, exact: Tensor) -> int:
+        """The fewest lists to probe for recall@1 >= target_1 and recall@k >= target_k on queries
+        [B, d] whose exact top-k slots are exact [B, k]: a query probes its lists in the order of
+        its centroid scores, so a candidate is found from the probe rank of its list on."""
+        b, k = exact.shape
+        _, order = self.index.quantizer.search(_float32(queries), self.lists)  # [B, L] lists, probe order
+        rank = np.empty_like(order)
+        rank[np.arange(b)[:, None], order] = np.arange(self.lists)
+        slots = exact.cpu().numpy()
+        lists = np.array([self.index.direct_map.get(int(s)) >> 32 for s in slots.ravel()]).reshape(b, k)
+        ranks = rank[np.arange(b)[:, None], lists]  # [B, k] lists probed before each candidate's
+        needed = 1
+        for target, found in ((self.target_1, ranks[:, 0]), (self.target_k, ranks.ravel())):
+            if target:  # the ceil(target x count)-th smallest rank, plus one
+                needed = max(needed, int(np.sort(found)[math.ceil(target * found.size) - 1]) + 1)
+        return needed
 
     def stats(self) -> dict:
         """Lists, probes, trainings, and the recall checks so far (every `ivf_check_every` searches)."""

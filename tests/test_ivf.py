@@ -2,6 +2,7 @@
 re-trained without losing a slot, and sharded like the local memory."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -102,6 +103,52 @@ def test_recall_checks_over_a_run():
     assert LocalMemory(cfg, device="cpu").backend.stats() == {"name": "torch"}
 
 
+def test_probes_needed_is_what_faiss_needs():
+    """The probe count a check computes from list ranks equals the fewest nprobe with which
+    faiss's own search meets the targets on the same queries (tried one by one)."""
+    keys = clustered(N, D, spread=0.6)
+    cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=0)
+    ivf, exact = memories(cfg, filled(keys))
+    q = F.normalize(keys[:32] + 0.3 * unit(32, D, seed=5), dim=1)
+    want = exact.shard.search(q)["ids"]
+    for target_1, target_k in ((0.99, 0.0), (0.0, 0.9), (0.9, 0.95), (1.0, 1.0)):
+        ivf.backend.target_1, ivf.backend.target_k = target_1, target_k
+        needed = ivf.backend.probes_needed(q, want)
+        first = None
+        for p in range(1, 65):
+            ivf.backend.index.nprobe = p
+            got = ivf.shard.search(q)["ids"]
+            if (got[:, 0] == want[:, 0]).float().mean() >= target_1 and recall(got, want) >= target_k:
+                first = p
+                break
+        assert needed == first, (target_1, target_k)
+    assert 1 < ivf.backend.probes_needed(q, want) <= 64
+
+
+def test_recall_targets_set_nprobe_at_each_check():
+    keys = clustered(N, D, spread=0.6)
+    base = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1,
+                        ivf_retrain_every=0)
+    fixed, _ = memories(base, filled(keys))
+    adaptive, _ = memories(dataclasses.replace(base, ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95),
+                           filled(keys))
+    for s in range(4):
+        idx = torch.arange(s * 64, (s + 1) * 64)
+        q, y = F.normalize(keys[idx] + 0.3 * unit(64, D, seed=s), dim=1), torch.randint(0, 50, (64,))
+        fixed.step(q, y)
+        adaptive.step(q, y)
+    low = fixed.backend.stats()["checks"]
+    checks = adaptive.backend.stats()["checks"]
+    assert all(c["nprobe"] == 1 for c in low) and min(c["recall_at_k"] for c in low) < 0.95
+    assert checks[0]["nprobe"] == 1 and all("probes_needed" in c for c in checks)
+    for before, after in zip(checks, checks[1:]):  # each check probes what the one before set
+        assert after["nprobe"] == before["nprobe_next"] == min(64, math.ceil(1.5 * before["probes_needed"]))
+    assert all(c["recall_at_1"] >= 0.99 and c["recall_at_k"] >= 0.95 for c in checks[1:])
+    assert adaptive.backend.stats()["nprobe"] == checks[-1]["nprobe_next"] > 1
+    with pytest.raises(ValueError, match="ivf_check_every"):
+        dataclasses.replace(base, ivf_check_every=0, ivf_target_recall_at_k=0.9)
+
+
 def test_in_place_writes_are_visible_to_the_next_search():
     keys = clustered(N, D)
     cfg = MemoryConfig(size=N, key_dim=D, k=4, ivf_lists=64, ivf_probe=1, age_noise=0.0, ivf_retrain_every=0)
@@ -160,7 +207,8 @@ def test_compressed_keys_use_a_compressed_index_and_round_trip(tmp_path, key_dty
 
 def test_config_checks_and_default_lists():
     assert default_lists(4_000_000) == 8192 and default_lists(100) == 2 and default_lists(10) == 1
-    for bad in (dict(ivf_lists=-1), dict(ivf_probe=0), dict(ivf_train_after=float("nan")), dict(ivf_retrain_every=-1)):
+    for bad in (dict(ivf_lists=-1), dict(ivf_probe=0), dict(ivf_train_after=float("nan")), dict(ivf_retrain_every=-1),
+                dict(ivf_target_recall_at_1=1.5), dict(ivf_target_recall_at_k=-0.1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MemoryConfig(size=10, key_dim=4, k=2, **bad)
     with pytest.raises(ValueError, match="backend=.ivf. keeps its keys on"):

@@ -38,6 +38,10 @@ class OmniglotRunConfig:
     backend: Literal["torch", "faiss", "ivf"] = option("torch", "k-NN backend of the memory (ivf: approximate)")
     ivf_lists: int = option(0, "backend ivf: inverted lists per shard (0: about 4 sqrt(slots))")
     ivf_probe: int = option(32, "backend ivf: lists scanned per query")
+    ivf_check_every: int = option(100, "backend ivf: searches between recall checks against the exact search")
+    ivf_target_recall_at_1: float = option(0.0, "backend ivf: recall@1 target; each check sets nprobe to meet it "
+                                                "(0: nprobe stays --ivf-probe)")
+    ivf_target_recall_at_k: float = option(0.0, "backend ivf: recall@k target, likewise")
     conv_norm: bool = option(False, "batch norm after each convolution (not in the released CNN)")
     eval_every: int = option(50, "batches between points of the accuracy curve")
     curve_classes: int = option(100, "test classes used for the curve (the final table uses all)")
@@ -67,7 +71,9 @@ class OmniglotRunConfig:
         """The memory this run trains with (size, key size, k, age noise, seed)."""
         return MemoryConfig(size=self.memory_size, key_dim=self.key_dim, k=self.k, age_noise=self.age_noise,
                             seed=self.seed,
-                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe)
+                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe,
+                            ivf_check_every=self.ivf_check_every, ivf_target_recall_at_1=self.ivf_target_recall_at_1,
+                            ivf_target_recall_at_k=self.ivf_target_recall_at_k)
 
 
 PRESETS: dict[str, dict] = {

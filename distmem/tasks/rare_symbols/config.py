@@ -38,6 +38,10 @@ class RareSymbolRunConfig:
     backend: Literal["torch", "faiss", "ivf"] = option("torch", "k-NN backend of the memory (ivf: approximate)")
     ivf_lists: int = option(0, "backend ivf: inverted lists per shard (0: about 4 sqrt(slots))")
     ivf_probe: int = option(32, "backend ivf: lists scanned per query")
+    ivf_check_every: int = option(100, "backend ivf: searches between recall checks against the exact search")
+    ivf_target_recall_at_1: float = option(0.0, "backend ivf: recall@1 target; each check sets nprobe to meet it "
+                                                "(0: nprobe stays --ivf-probe)")
+    ivf_target_recall_at_k: float = option(0.0, "backend ivf: recall@k target, likewise")
     gaps: tuple[int, ...] = option((1, 100, 1000, 5000), "test gaps between a context and its probe, in steps")
     symbols_per_gap: int = option(0, "rare test symbols per gap (0: all 2,048 split evenly)")
     log_every: int = option(100, "steps between points of the training curve")
@@ -78,7 +82,9 @@ class RareSymbolRunConfig:
         """The life-long memory: key size = the model's hidden size (the Neural GPU's channels)."""
         key_dim = self.nmaps if self.model == "neural_gpu" else MODEL_PRESETS[self.model]["hidden"]
         return MemoryConfig(size=self.memory_size, key_dim=key_dim, k=self.k, age_noise=self.age_noise, seed=self.seed,
-                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe)
+                            ivf_lists=self.ivf_lists, ivf_probe=self.ivf_probe,
+                            ivf_check_every=self.ivf_check_every, ivf_target_recall_at_1=self.ivf_target_recall_at_1,
+                            ivf_target_recall_at_k=self.ivf_target_recall_at_k)
 
 
 PRESETS: dict[str, dict] = {
