@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from distmem.config import MemoryConfig
-from distmem.keycodes import decode
+from distmem.keycodes import KeyCodec, decode
 from distmem.topk import merge_topk, ordered_topk, sort_by_score_then_id
 
 BACKENDS = ("torch", "faiss", "ivf")
@@ -80,9 +80,11 @@ class TorchExactBackend(_Stateless):
     name = "torch"
     FEW_QUERIES = 32
 
-    def __init__(self, chunk_size: int | None = None, prune: bool | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, prune: bool | None = None,
+                 codec: KeyCodec | None = None) -> None:
         self.chunk_size = chunk_size
         self.prune = prune
+        self.decode = codec.decode if codec is not None else decode  # int8_dim keys need their ranges
 
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         on_cpu = keys.device.type == "cpu"
@@ -96,7 +98,7 @@ class TorchExactBackend(_Stateless):
 
         def scores_of(block: Tensor) -> Tensor:  # (B, C) float32
             if decoded:
-                block = decode(block)
+                block = self.decode(block)
             return ((block @ queries.T).T if few else queries @ block.T).float()
 
         first = max(chunk, k)  # the first block fills the running top-k
@@ -192,15 +194,17 @@ class FaissBackend(_Stateless):
 
 
 def make_backend(backend: str, device: torch.device, chunk_size: int | None = None,
-                 config: MemoryConfig | None = None, n: int | None = None) -> KnnBackend:
+                 config: MemoryConfig | None = None, n: int | None = None,
+                 codec: KeyCodec | None = None) -> KnnBackend:
     """Backend by name ("torch" | "faiss" exact, "ivf" approximate: needs the memory's config and
-    the shard's slot count n) for keys living on `device`."""
+    the shard's slot count n) for keys living on `device`, stored as `codec` says (default: by
+    their dtype)."""
     if backend == "torch":
-        return TorchExactBackend(chunk_size)
+        return TorchExactBackend(chunk_size, codec=codec)
     if backend == "faiss":
         return FaissBackend(device, chunk_size)
     if backend == "ivf":
         from distmem.ivf import IvfBackend  # noqa: PLC0415 - it imports this module
 
-        return IvfBackend(config, n, device)
+        return IvfBackend(config, n, device, codec)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-KEY_DTYPES = ("float32", "float16", "bfloat16", "int8")
+KEY_DTYPES = ("float32", "float16", "bfloat16", "int8", "int8_dim")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,10 @@ class MemoryConfig:
     chunk_size: slots scored per block by the exact torch search (bounds the B x chunk buffer);
         None picks 2048 on CPU (cache-sized) and 65536 on CUDA.
     key_dtype: storage type of the keys ("float32"; "float16"/"bfloat16": half the bytes; "int8":
-        a quarter, scalar-quantised, see distmem.keycodes).
+        a quarter, scalar-quantised with one fixed scale; "int8_dim": a quarter, with per-dimension
+        ranges fitted to the written keys, for trained keys; see distmem.keycodes).
+    key_fit_after, key_refit_every: int8_dim keys: fit the ranges after this many slot writes (x
+        the shard's slots), re-fit after every further key_refit_every x slots (0: never).
     ivf_lists, ivf_probe: the approximate backend's (backend="ivf") inverted lists per shard
         (0: about 4 sqrt(slots)) and the lists each query scans.
     ivf_train_after, ivf_retrain_every: train its centroids after this many slot writes (x the
@@ -39,6 +42,8 @@ class MemoryConfig:
     seed: int = 0
     chunk_size: int | None = None
     key_dtype: str = "float32"
+    key_fit_after: float = 0.5
+    key_refit_every: float = 1.0
     ivf_lists: int = 0
     ivf_probe: int = 32
     ivf_train_after: float = 0.5
@@ -58,7 +63,7 @@ class MemoryConfig:
             value, low = getattr(self, name), 1 if name == "ivf_probe" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"MemoryConfig.{name} must be an int >= {low}, got {value!r}")
-        for name in ("ivf_train_after", "ivf_retrain_every"):
+        for name in ("ivf_train_after", "ivf_retrain_every", "key_fit_after", "key_refit_every"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"MemoryConfig.{name} must be a finite number >= 0, got {value!r}")

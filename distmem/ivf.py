@@ -20,8 +20,10 @@ current by the memory's in-place slot rewrites.
   only its queries, candidate ids and rewritten keys between the two.
 - The lists hold each key as the memory stores it: float32 (IndexIVFFlat), or for a compressed
   memory the same 16 or 8 bits (IndexIVFScalarQuantizer over the keys, not residuals: fp16 /
-  bf16, or for 8-bit keys a uniform quantiser whose levels are the codes -127..127 themselves),
-  so the scores faiss returns are the memory's own (to float rounding) and need no re-scoring.
+  bf16; for "int8" keys a uniform quantiser whose levels are the codes -127..127 themselves, for
+  "int8_dim" keys a per-dimension one whose levels are the memory's own offset + step x code), so
+  the scores faiss returns are the memory's own (to float rounding) and need no re-scoring.
+  New int8_dim ranges re-encode every key, so the shard then rebuilds the index (`reset`).
   (A trained 8-bit quantiser of its own picked the wrong candidates among close keys.) The
   candidates are sorted by (score, lower id), as the exact backends do; a query whose probed
   lists hold fewer than k slots falls back to the exact search.
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from distmem.backends import TorchExactBackend, import_faiss
 from distmem.config import MemoryConfig
-from distmem.keycodes import INT8_SCALE
+from distmem.keycodes import INT8_SCALE, KeyCodec
 from distmem.topk import sort_by_score_then_id
 
 PROBE_MARGIN = 1.5  # probes per probe a check found needed: headroom for the drift until the next check
@@ -56,7 +58,7 @@ class IvfBackend:
 
     name = "ivf"
 
-    def __init__(self, config: MemoryConfig, n: int, device: torch.device) -> None:
+    def __init__(self, config: MemoryConfig, n: int, device: torch.device, codec: KeyCodec | None = None) -> None:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='ivf' keeps its keys on 'cpu' or 'cuda', got device {device}")
         self.faiss = import_faiss()
@@ -66,10 +68,11 @@ class IvfBackend:
         self.train_after = max(1, math.ceil(config.ivf_train_after * n))
         self.retrain_every = math.ceil(config.ivf_retrain_every * n)
         self.codes = {"float32": None, "float16": "QT_fp16", "bfloat16": "QT_bf16",
-                      "int8": "QT_8bit_uniform"}[config.key_dtype]
+                      "int8": "QT_8bit_uniform", "int8_dim": "QT_8bit"}[config.key_dtype]
+        self.codec = codec or KeyCodec(config.key_dtype, config.key_dim, n, device)
         self.score_scale = 1 / INT8_SCALE if config.key_dtype == "int8" else 1.0  # codes are round(127 x)
         self.seed = config.seed
-        self._exact = TorchExactBackend(config.chunk_size)
+        self._exact = TorchExactBackend(config.chunk_size, codec=self.codec)
         self.check_every = config.ivf_check_every
         self.target_1, self.target_k = config.ivf_target_recall_at_1, config.ivf_target_recall_at_k
         self.index = None
@@ -84,7 +87,7 @@ class IvfBackend:
         """The shard's keys were replaced: drop the index; train at once if the keys are mostly
         written (a loaded memory), else after `train_after` writes."""
         self.index = None
-        self.writes = int((keys != 0).any(1).sum())
+        self.writes = int(self.codec.written(keys).sum())
         self._maybe_train(keys)
 
     def update(self, keys: Tensor, local: Tensor) -> None:
@@ -93,7 +96,7 @@ class IvfBackend:
         self.total_writes += int(local.numel())
         if self.index is not None:
             ids = local.cpu().numpy().astype(np.int64)
-            self.index.update_vectors(ids, _float32(keys[local]))
+            self.index.update_vectors(ids, self._vectors(keys[local]))
         self._maybe_train(keys)
 
     def _maybe_train(self, keys: Tensor) -> None:
@@ -103,12 +106,12 @@ class IvfBackend:
 
     def train(self, keys: Tensor) -> None:
         """k-means on up to 40 sampled written keys per list, then every slot added under its id."""
-        written = torch.nonzero((keys != 0).any(1)).squeeze(1)
+        written = torch.nonzero(self.codec.written(keys)).squeeze(1)
         if written.numel() < self.lists:
             return
         rng = np.random.default_rng([self.seed, self.trainings])
         take = rng.choice(written.numel(), min(written.numel(), 40 * self.lists), replace=False)
-        sample = _float32(keys[written[torch.from_numpy(np.sort(take))]])
+        sample = self._vectors(keys[written[torch.from_numpy(np.sort(take))]])
         quantizer = self.faiss.IndexFlatIP(self.d)
         metric = self.faiss.METRIC_INNER_PRODUCT
         if self.codes:  # the index's codes as compact as the memory's keys
@@ -123,8 +126,12 @@ class IvfBackend:
         index.train(sample)
         if self.codes == "QT_8bit_uniform":  # levels -127.5 + (c + 0.5) = c - 127: the int8 codes, exactly
             self.faiss.copy_array_to_vector(np.array([-127.5, 255.0], dtype=np.float32), index.sq.trained)
+        if self.codes == "QT_8bit":  # per dimension vmin + (u + 0.5) vdiff / 255 with u = c + 127: offset + step c
+            step, offset = self.codec.step.cpu().double(), self.codec.offset.cpu().double()
+            trained = torch.cat([offset - 127.5 * step, 255 * step]).float().numpy()
+            self.faiss.copy_array_to_vector(trained, index.sq.trained)
         for start in range(0, self.n, 1 << 20):  # ids 0..n-1 in order: the direct map is an array
-            index.add(_float32(keys[start:start + (1 << 20)]))
+            index.add(self._vectors(keys[start:start + (1 << 20)]))
         index.make_direct_map()
         index.nprobe = min(self.nprobe, self.lists)
         self.index, self.writes = index, 0
@@ -150,6 +157,11 @@ class IvfBackend:
         if self.check_every and (self.searches - 1) % self.check_every == 0:  # searches 1, 1 + every, ...
             self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k)
         return sims, ids
+
+    def _vectors(self, stored: Tensor) -> np.ndarray:
+        """Stored keys as the index takes them: float32 values; int8 codes unscaled (the uniform
+        quantiser's levels); int8_dim keys decoded (faiss encodes them back to the same codes)."""
+        return _float32(self.codec.decode(stored) if self.codes == "QT_8bit" else stored)
 
     def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int) -> None:
         """Record the recall of this search's first queries against the exact search; with recall

@@ -17,7 +17,7 @@ from torch import Tensor
 from distmem import rules, storage
 from distmem.backends import make_backend
 from distmem.config import MemoryConfig
-from distmem.keycodes import DTYPES, decode, encode
+from distmem.keycodes import KeyCodec
 from distmem.rules import ShardWrite
 from distmem.validation import check_state
 
@@ -38,7 +38,9 @@ class MemoryShard:
             raise ValueError(f"key_dtype={config.key_dtype!r} needs backend='torch'; faiss searches float32 keys")
         self.config, self.lo, self.hi, self.n = config, lo, hi, hi - lo
         self.device = torch.device(device)
-        self.backend = make_backend(backend, self.device, config.chunk_size, config, hi - lo)
+        self.codec = KeyCodec(config.key_dtype, config.key_dim, hi - lo, self.device, config.key_fit_after,
+                              config.key_refit_every)
+        self.backend = make_backend(backend, self.device, config.chunk_size, config, hi - lo, self.codec)
         self.storage_dir = Path(storage_dir) if storage_dir is not None else None
         self.snapshot_every = snapshot_every
         self.generation = 0  # changed by every clear / load: a read of an older generation is stale
@@ -59,7 +61,8 @@ class MemoryShard:
     def clear(self, persist: bool = True) -> None:
         """Empty every slot (on disk too: no snapshot and no log means an empty shard)."""
         n, d = self.n, self.config.key_dim
-        self.keys = torch.zeros(n, d, dtype=DTYPES[self.config.key_dtype], device=self.device)
+        self.codec.reset()
+        self.keys = self.codec.empty(n, d, self.device)
         self.values = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         self.last_write = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.step = 0
@@ -74,7 +77,7 @@ class MemoryShard:
         copy=False may return views of the live tensors (for writing them out at once)."""
         keys, values = self.keys.cpu(), self.values.cpu()
         if keys.dtype == torch.int8:  # the state holds float keys; decoding makes a fresh tensor
-            keys = decode(keys)
+            keys = self.codec.decode(keys)
         return {"keys": keys.clone() if copy and keys is self.keys else keys,
                 "values": values.clone() if copy else values, "ages": (self.step - self.last_write).cpu(),
                 "step": torch.tensor(self.step), **self.recent.state()}
@@ -85,7 +88,9 @@ class MemoryShard:
         where it can (the caller gives them up), which spares a copy of the keys."""
         checked = check_state(state, self.n, self.config.key_dim, lo=self.lo)
         step = int(checked["step"])
-        keys = encode(checked["keys"].to(self.device), DTYPES[self.config.key_dtype])
+        keys = checked["keys"].to(self.device)
+        self.codec.fit(keys)  # int8_dim: ranges fitted to the loaded keys, if enough are written
+        keys = self.codec.encode(keys)
         if copy and keys is checked["keys"]:  # never alias the caller's tensor
             keys = keys.clone()
         self.keys = keys.contiguous()
@@ -133,11 +138,11 @@ class MemoryShard:
         local = torch.where(mine, ids - self.lo, 0)
         weights = torch.where(mine, weights, 0.0)
         if self.keys.dtype != torch.float32:  # small gather instead of a float copy of every key
-            return (weights.unsqueeze(2) * decode(self.keys[local])).sum(1)
+            return (weights.unsqueeze(2) * self.codec.decode(self.keys[local])).sum(1)
         return F.embedding_bag(local, self.keys, per_sample_weights=weights.float(), mode="sum")
 
     def _key(self, local_ids: Tensor) -> Tensor:
-        return decode(self.keys[local_ids])
+        return self.codec.decode(self.keys[local_ids])
 
     # -- write -----------------------------------------------------------------------------------
     def oldest(self, step: int, count: int) -> tuple[Tensor, Tensor]:
@@ -163,8 +168,12 @@ class MemoryShard:
 
     def _apply(self, step: int, write: ShardWrite) -> None:
         local = write.slots.to(self.device) - self.lo
-        self.keys[local] = encode(write.keys.to(self.device), self.keys.dtype)
-        self.backend.update(self.keys, local)
+        self.keys[local] = self.codec.encode(write.keys.to(self.device))
+        if self.codec.wrote(local.numel()):  # int8_dim: new ranges re-encode every key: the index restarts
+            self.codec.refit(self.keys)
+            self.backend.reset(self.keys)
+        else:
+            self.backend.update(self.keys, local)
         self.values[local] = write.values.to(self.device)
         self.step = step + 1
         self.last_write[local] = self.step

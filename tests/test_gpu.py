@@ -50,7 +50,7 @@ def test_backends_on_cuda_equal_the_cpu_brute_force_ties_included(backend):
     assert got[-1, :21].tolist() == [3, *range(10_000, 10_020)]
 
 
-@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("key_dtype", ["float16", "bfloat16", "int8", "int8_dim"])
 @pytest.mark.parametrize("backend", ["torch", "ivf"])
 def test_compressed_keys_on_cuda_match_the_cpu_memory(key_dtype, backend):
     cfg = MemoryConfig(size=8192, key_dim=32, k=16, key_dtype=key_dtype, ivf_lists=16, ivf_probe=16, age_noise=0.0)

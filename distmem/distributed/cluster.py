@@ -7,11 +7,11 @@ import socket
 from typing import Any
 
 import ray
-import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from distmem.config import MemoryConfig
 from distmem.distributed.ray_compat import single_machine
+from distmem.keycodes import DTYPES
 
 NAMESPACE = "distmem"
 
@@ -65,7 +65,7 @@ def spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: 
                    timeout_s: float = 60.0) -> PlacementGroup:
     """A SPREAD placement group with one bundle per shard: its slots' bytes of the `memory`
     resource, plus one GPU when `use_gpu`. Fails with a clear error when the cluster cannot hold it."""
-    per_slot = config.key_dim * torch.tensor([], dtype=getattr(torch, config.key_dtype)).element_size() + 3 * 8
+    per_slot = config.key_dim * DTYPES[config.key_dtype].itemsize + 3 * 8
     bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": 1.0} if use_gpu else {})}
                for lo, hi in ranges]
     group = placement_group(bundles, strategy="SPREAD", **({"lifetime": "detached"} if detached else {}))
