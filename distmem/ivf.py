@@ -13,8 +13,9 @@ current by the memory's in-place slot rewrites.
   search and records the recall (`stats()`), so a run shows how the recall holds as keys drift.
 - With recall targets (`ivf_target_recall_at_1`, `ivf_target_recall_at_k` > 0) each check also
   sets nprobe: from the probe rank of each exact candidate's list it knows the fewest lists that
-  would have met both targets on its queries, and probes `PROBE_MARGIN` times that many (the
-  keys keep drifting until the next check). nprobe may fall as well as rise.
+  would have met both targets on its queries, and probes `PROBE_MARGIN` times the most that any
+  of the last `RECENT_CHECKS` checks needed (32 queries give a noisy figure, and the keys keep
+  drifting until the next check). nprobe may fall as well as rise.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
@@ -42,7 +43,8 @@ from distmem.config import MemoryConfig
 from distmem.keycodes import INT8_SCALE, KeyCodec
 from distmem.topk import sort_by_score_then_id
 
-PROBE_MARGIN = 1.5  # probes per probe a check found needed: headroom for the drift until the next check
+PROBE_MARGIN = 1.5  # probes per probe the checks found needed: headroom for the drift until the next check
+RECENT_CHECKS = 8  # nprobe covers the most any of these last checks needed (one check's figure is noisy)
 CHECK_QUERIES = 32
 
 
@@ -81,6 +83,7 @@ class IvfBackend:
         self.trainings = 0
         self.searches = 0
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
+        self.needed: list[int] = []  # with recall targets: the probes each recent check needed
 
     # -- keeping the index current -------------------------------------------------------------
     def reset(self, keys: Tensor) -> None:
@@ -172,7 +175,8 @@ class IvfBackend:
                  "nprobe": int(self.index.nprobe), "recall_at_1": at_1, "recall_at_k": at_k}
         if self.target_1 or self.target_k:
             needed = self.probes_needed(queries, exact)
-            self.nprobe = self.index.nprobe = min(self.lists, max(1, math.ceil(PROBE_MARGIN * needed)))
+            self.needed = self.needed[-(RECENT_CHECKS - 1):] + [needed]
+            self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(self.needed)))
             check.update(probes_needed=needed, nprobe_next=self.nprobe)
         self.checks = self.checks[-999:] + [check]
 
