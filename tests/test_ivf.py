@@ -247,3 +247,24 @@ def test_sharded_ivf_equals_local_ivf(ray_local):
     finally:
         mem.shutdown()
     assert dataclasses.asdict(cfg)["ivf_lists"] == 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "ivf"])
+def test_sharded_int8_dim_memory_equals_its_local_twin(ray_local, backend):
+    from distmem import ShardedMemory
+
+    # one shard holds every slot: it fits (and re-fits) its 8-bit ranges exactly when the local memory does
+    cfg = MemoryConfig(size=600, key_dim=8, k=6, age_noise=8.0, seed=3, key_dtype="int8_dim", key_fit_after=0.3,
+                       key_refit_every=0.4, ivf_lists=4, ivf_probe=4)
+    local = LocalMemory(cfg, backend=backend, device="cpu")
+    mem = ShardedMemory(cfg, 1, backend=backend)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for s in range(12):
+            q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
+            got, want = mem.step(q, y), local.step(q, y)
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+        assert local.shard.codec.fits == 2  # fitted after 180 writes (at 200), re-fitted 240 later (at 440)
+        assert state_equal(mem.state(), local.state())
+    finally:
+        mem.shutdown()
