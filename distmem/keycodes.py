@@ -16,6 +16,7 @@ The memory's rules see the decoded float32 keys; only the storage (and the searc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -60,8 +61,8 @@ class KeyCodec:
         self.key_dtype, self.dtype = key_dtype, DTYPES[key_dtype]
         self.ranged = key_dtype == "int8_dim"
         self.dim, self.device = dim, device
-        self.fit_after = max(1, round(fit_after * n))
-        self.refit_every = round(refit_every * n)
+        self.fit_after = max(1, math.ceil(fit_after * n))  # rounded as the ivf's training schedule is,
+        self.refit_every = math.ceil(refit_every * n)      # so that with equal settings they share a rebuild
         self.reset()
 
     def reset(self) -> None:

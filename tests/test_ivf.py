@@ -254,8 +254,8 @@ def test_sharded_int8_dim_memory_equals_its_local_twin(ray_local, backend):
     from distmem import ShardedMemory
 
     # one shard holds every slot: it fits (and re-fits) its 8-bit ranges exactly when the local memory does
-    cfg = MemoryConfig(size=600, key_dim=8, k=6, age_noise=8.0, seed=3, key_dtype="int8_dim", key_fit_after=0.3,
-                       key_refit_every=0.4, ivf_lists=4, ivf_probe=4)
+    cfg = MemoryConfig(size=600, key_dim=8, k=6, age_noise=8.0, seed=3, key_dtype="int8_dim", key_fit_after=0.25,
+                       key_refit_every=0.375, ivf_lists=4, ivf_probe=4, ivf_train_after=0.25, ivf_retrain_every=0.375)
     local = LocalMemory(cfg, backend=backend, device="cpu")
     mem = ShardedMemory(cfg, 1, backend=backend)
     try:
@@ -264,7 +264,9 @@ def test_sharded_int8_dim_memory_equals_its_local_twin(ray_local, backend):
             q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
             got, want = mem.step(q, y), local.step(q, y)
             assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
-        assert local.shard.codec.fits == 2  # fitted after 180 writes (at 200), re-fitted 240 later (at 440)
+        assert local.shard.codec.fits == 2  # fitted after 150 writes (at 160), re-fitted 225 later (at 400)
+        if backend == "ivf":  # on the same schedule, each (re)fit and (re)training share one rebuild
+            assert local.backend.trainings == 2
         assert state_equal(mem.state(), local.state())
     finally:
         mem.shutdown()
