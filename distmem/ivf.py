@@ -83,7 +83,6 @@ class IvfBackend:
         self.trainings = 0
         self.searches = 0
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
-        self.needed: list[int] = []  # with recall targets: the probes each recent check needed
 
     # -- keeping the index current -------------------------------------------------------------
     def reset(self, keys: Tensor) -> None:
@@ -173,12 +172,12 @@ class IvfBackend:
         at_1, at_k = recall_at(exact, ids)
         check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
                  "nprobe": int(self.index.nprobe), "recall_at_1": at_1, "recall_at_k": at_k}
-        if self.target_1 or self.target_k:
-            needed = self.probes_needed(queries, exact)
-            self.needed = self.needed[-(RECENT_CHECKS - 1):] + [needed]
-            self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(self.needed)))
-            check.update(probes_needed=needed, nprobe_next=self.nprobe)
         self.checks = self.checks[-999:] + [check]
+        if self.target_1 or self.target_k:
+            check["probes_needed"] = self.probes_needed(queries, exact)
+            most = max(c["probes_needed"] for c in self.checks[-RECENT_CHECKS:])
+            self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * most))
+            check["nprobe_next"] = self.nprobe
 
     def probes_needed(self, queries: Tensor, exact: Tensor) -> int:
         """The fewest lists to probe for recall@1 >= target_1 and recall@k >= target_k on queries

@@ -72,9 +72,9 @@ class KeyCodec:
         self.fits = 0
         self.writes = 0  # slot writes since the last fit (or since the keys were replaced)
 
-    def empty(self, n: int, dim: int, device: torch.device | str) -> Tensor:
+    def empty(self, n: int) -> Tensor:
         """Stored keys [n, d] of n empty slots."""
-        return torch.full((n, dim), EMPTY if self.ranged else 0, dtype=self.dtype, device=device)
+        return torch.full((n, self.dim), EMPTY if self.ranged else 0, dtype=self.dtype, device=self.device)
 
     def written(self, stored: Tensor) -> Tensor:
         """Which rows of stored keys [n, d] hold a key: bool [n]."""

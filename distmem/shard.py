@@ -60,9 +60,9 @@ class MemoryShard:
 
     def clear(self, persist: bool = True) -> None:
         """Empty every slot (on disk too: no snapshot and no log means an empty shard)."""
-        n, d = self.n, self.config.key_dim
+        n = self.n
         self.codec.reset()
-        self.keys = self.codec.empty(n, d, self.device)
+        self.keys = self.codec.empty(n)
         self.values = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         self.last_write = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.step = 0

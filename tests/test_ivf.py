@@ -226,6 +226,15 @@ def test_config_checks_and_default_lists():
         LocalMemory(MemoryConfig(size=10, key_dim=4, k=2), backend="ivf", device="meta")
 
 
+def step_both_alike(mem, local, steps: int = 12) -> None:
+    """The same 40-query steps on both memories; each step's candidates and predictions agree."""
+    g = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
+        got, want = mem.step(q, y), local.step(q, y)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+
+
 def test_sharded_ivf_equals_local_ivf(ray_local):
     from distmem import ShardedMemory
 
@@ -235,11 +244,7 @@ def test_sharded_ivf_equals_local_ivf(ray_local):
     local = LocalMemory(cfg, backend="ivf", device="cpu")
     mem = ShardedMemory(cfg, 2, backend="ivf")
     try:
-        g = torch.Generator().manual_seed(0)
-        for s in range(12):
-            q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
-            got, want = mem.step(q, y), local.step(q, y)
-            assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+        step_both_alike(mem, local)
         assert local.backend.trainings >= 2
         assert state_equal(mem.state(), local.state())
         stats = [shard["backend"] for shard in mem.placement()]
@@ -259,11 +264,7 @@ def test_sharded_int8_dim_memory_equals_its_local_twin(ray_local, backend):
     local = LocalMemory(cfg, backend=backend, device="cpu")
     mem = ShardedMemory(cfg, 1, backend=backend)
     try:
-        g = torch.Generator().manual_seed(0)
-        for s in range(12):
-            q, y = unit(40, 8, seed=100 + s), torch.randint(0, 30, (40,), generator=g)
-            got, want = mem.step(q, y), local.step(q, y)
-            assert torch.equal(got.ids, want.ids) and torch.equal(got.prediction, want.prediction)
+        step_both_alike(mem, local)
         assert local.shard.codec.fits == 2  # fitted after 150 writes (at 160), re-fitted 225 later (at 400)
         if backend == "ivf":  # on the same schedule, each (re)fit and (re)training share one rebuild
             assert local.backend.trainings == 2
