@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distmem import LocalMemory, MemoryConfig
-from distmem.models.neural_gpu import CGRU, NeuralGPU, NeuralGPUConfig, cutoff_sigmoid
+from distmem.models.neural_gpu import CGRU, DCGRU, NeuralGPU, NeuralGPUConfig, cutoff_sigmoid, hard_sigmoid
 
 IN, OUT = 6, 7
 
@@ -41,13 +41,55 @@ def test_a_cgru_cell_by_hand():
         cell.candidate.weight.fill_(e)
         cell.candidate.bias.fill_(f)
     s = torch.tensor([0.7, -0.4, 1.5]).view(1, 1, 1, 3)
-    out = cell(s).flatten().tolist()
+    out, cost = cell(s)
+    out = out.flatten().tolist()
+    assert cost == 0
     for x, y in zip(s.flatten().tolist(), out):
         u = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(a * x + b))) - 0.1))
         r = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(c * x + d))) - 0.1))
         assert y == pytest.approx(u * x + (1 - u) * math.tanh(e * r * x + f), abs=1e-6)
     tape = torch.randn(2, 8, 3, 5)
-    assert CGRU(8)(tape).shape == tape.shape and CGRU(8, extra=8)(tape, torch.randn(2, 8, 3, 5)).shape == tape.shape
+    assert CGRU(8)(tape)[0].shape == tape.shape
+    assert CGRU(8, extra=8)(tape, torch.randn(2, 8, 3, 5))[0].shape == tape.shape
+
+
+def test_a_diagonal_cgru_cell_by_hand():
+    """Three channels (one kept, one shifted right, one shifted left), 1x1 kernels, one row:
+    u = hσ(W_u s + b_u), r = hσ(W_r s + b_r), c = htanh(W_c (r s) + b_c), s'_i = u_i shift(s)_i + (1 - u_i) c_i,
+    and the saturation cost sums relu(|pre| - 0.9) of the three pre-activations over channels, mean over cells."""
+    torch.manual_seed(0)
+    cell = DCGRU(3, kernel=1, height=1)
+    s = torch.tensor([[0.5, -0.2, 0.9, 0.1], [0.3, 0.8, -0.6, 0.4], [-0.7, 0.2, 0.6, -0.1]]).view(1, 3, 1, 4)
+    out, cost = cell(s)
+    Wg, bg = cell.gates.weight[:, :, 0, 0], cell.gates.bias
+    Wc, bc = cell.candidate.weight[:, :, 0, 0], cell.candidate.bias
+    x = s[0, :, 0]  # (3, 4): channel, position
+    shifted = torch.stack([x[0], torch.cat([torch.zeros(1), x[1, :-1]]), torch.cat([x[2, 1:], torch.zeros(1)])])
+    g = Wg @ x + bg[:, None]
+    u, r = g[:3].mul(0.5).add(0.5).clamp(0, 1), g[3:].mul(0.5).add(0.5).clamp(0, 1)
+    pre = Wc @ (r * x) + bc[:, None]
+    want = u * shifted + (1 - u) * pre.clamp(-1, 1)
+    torch.testing.assert_close(out[0, :, 0], want)
+    sat = ((g.abs() - 0.9).clamp(min=0).sum(0).mean() + (pre.abs() - 0.9).clamp(min=0).sum(0).mean())
+    torch.testing.assert_close(cost, sat)
+    # biases start at u = 0.85, r = 0.75; a state within the linear range costs nothing
+    torch.testing.assert_close(hard_sigmoid(bg), torch.tensor([0.85] * 3 + [0.75] * 3))
+    with torch.no_grad():
+        cell.gates.weight.zero_()
+        cell.candidate.weight.zero_()
+    assert cell(s)[1] == 0
+    # a kept gate (u = 1) moves the shifted channels along the tape, one position a step
+    with torch.no_grad():
+        cell.gates.bias.fill_(5.0)
+    moved, _ = cell(s)
+    torch.testing.assert_close(moved[0, :, 0], shifted)
+    assert cell(s)[1] > 0  # a bias of 5 is saturated
+
+
+def test_a_one_row_tape_gets_one_row_kernels():
+    assert CGRU(4, kernel=3, height=1).gates.weight.shape[-2:] == (1, 3)
+    assert CGRU(4, kernel=3, height=4).gates.weight.shape[-2:] == (3, 3)
+    assert DCGRU(6, kernel=3, height=1).candidate.weight.shape[-2:] == (1, 3)
 
 
 def test_shapes_and_errors():
@@ -68,14 +110,34 @@ def test_shapes_and_errors():
         NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, use_memory=True)
     with pytest.raises(ValueError, match="kernel"):
         NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, kernel=2)
+    with pytest.raises(ValueError, match="cell: expected 'cgru' or 'dcgru'"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, cell="lstm")
+    with pytest.raises(ValueError, match="saturation"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, saturation=-1.0)
+
+
+def test_the_saturation_cost_joins_the_loss_with_its_weight():
+    src, tgt = tokens(3, 5, IN), tokens(3, 5, OUT, seed=1)
+    for extended in (False, True):
+        plain = model(extended=extended, cell="dcgru")
+        weighted = model(extended=extended, cell="dcgru", saturation=0.5)
+        with torch.no_grad():  # larger weights: pre-activations past the hard gates' linear range
+            for p in [*plain.parameters(), *weighted.parameters()]:
+                p.mul_(4)
+        a, b = plain(src, tgt), weighted(src, tgt)
+        torch.testing.assert_close(a.logits, b.logits)  # same seed, same weights: the weight changes only the loss
+        assert a.saturation == 0 and b.saturation > 0
+        torch.testing.assert_close(b.loss, b.ce + b.saturation)
+        assert model(extended=extended).forward(src, tgt).saturation == 0  # the cgru has none
 
 
 def _memory(size=64, k=4) -> LocalMemory:
     return LocalMemory(MemoryConfig(size=size, key_dim=8, k=k, age_noise=0.0), device="cpu")
 
 
-def test_step_by_step_decoding_equals_the_teacher_forced_pass():
-    net = model(extended=True, use_memory=True)
+@pytest.mark.parametrize("cell", ["cgru", "dcgru"])
+def test_step_by_step_decoding_equals_the_teacher_forced_pass(cell):
+    net = model(extended=True, use_memory=True, cell=cell, saturation=1e-3)
     src, tgt = tokens(4, 6, IN, seed=2), tokens(4, 6, OUT, seed=3)
     mem = _memory()
     mem.step(torch.nn.functional.normalize(torch.randn(30, 8), dim=-1), torch.randint(1, OUT, (30,)))

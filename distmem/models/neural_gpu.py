@@ -59,6 +59,10 @@ class NeuralGPUConfig:
     cutoff: float = 1.2       # the gates' cut-off sigmoid: clip(c * sigmoid(x) - (c - 1) / 2, 0, 1)
     dropout: float = 0.0      # on the tape before every step (training only)
     gate_bias: float = 1.0    # initial bias of the CGRU gates: > 0 starts by keeping the state
+    # the step's cell: "cgru" (Kaiser & Sutskever) or "dcgru", Freivalds & Liepins' diagonal CGRU
+    # with hard gates (the improved Neural GPU; see DCGRU)
+    cell: str = "cgru"
+    saturation: float = 0.0   # dcgru: weight of the saturation cost added to the loss (0: none)
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
     # the value's direct path: initial gain * confidence added to its logit (learned on a log
@@ -75,6 +79,12 @@ class NeuralGPUConfig:
             raise ValueError(f"kernel: expected an odd size (the tape keeps its shape), got {self.kernel}")
         if not 1.0 <= self.cutoff:
             raise ValueError(f"cutoff: expected >= 1 (1: the plain sigmoid), got {self.cutoff}")
+        if self.cell not in ("cgru", "dcgru"):
+            raise ValueError(f"cell: expected 'cgru' or 'dcgru', got {self.cell!r}")
+        if self.cell == "dcgru" and self.nmaps < 3:
+            raise ValueError(f"nmaps: the dcgru shifts thirds of the channels: expected >= 3, got {self.nmaps}")
+        if not (self.saturation >= 0 and math.isfinite(self.saturation)):
+            raise ValueError(f"saturation: expected a finite weight >= 0, got {self.saturation}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if not (self.memory_gain >= 0 and math.isfinite(self.memory_gain)):
@@ -96,42 +106,94 @@ def cutoff_sigmoid(x: Tensor, cutoff: float = 1.2) -> Tensor:
     return torch.clamp(cutoff * torch.sigmoid(x) - (cutoff - 1.0) / 2.0, 0.0, 1.0)
 
 
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """clip(x / 2 + 1/2, 0, 1): the improved Neural GPU's gate."""
+    return torch.clamp(0.5 * x + 0.5, 0.0, 1.0)
+
+
+def saturation_cost(pre: Tensor, limit: float = 0.9) -> Tensor:
+    """Freivalds & Liepins' cost of a hard non-linearity's inputs pre [B, c, h, n]: relu(|pre| - limit)
+    summed over the channels, averaged over the cells. It keeps the inputs near the range where
+    the hard gates still pass a gradient."""
+    return torch.relu(pre.abs() - limit).sum(1).mean()
+
+
+def _kernel(kernel: int, height: int) -> tuple[int, int]:
+    """A tape one row high needs no vertical kernel: (kh, kw)."""
+    return (kernel if height > 1 else 1, kernel)
+
+
 class CGRU(nn.Module):
     """Convolutional GRU: s [B, m, h, n] (and extra [B, e, h, n], the decoder's output tape,
-    joined to every convolution's input) -> s' [B, m, h, n]:
+    joined to every convolution's input) -> (s' [B, m, h, n], saturation cost: 0 here):
     u = σ'(conv_u(s)), r = σ'(conv_r(s)), s' = u * s + (1 - u) * tanh(conv(r * s))."""
 
     def __init__(self, nmaps: int, kernel: int = 3, cutoff: float = 1.2, extra: int = 0,
-                 gate_bias: float = 1.0) -> None:
+                 gate_bias: float = 1.0, height: int = 4) -> None:
         super().__init__()
         self.cutoff = cutoff
-        self.gates = nn.Conv2d(nmaps + extra, 2 * nmaps, kernel, padding=kernel // 2)  # u, r
-        self.candidate = nn.Conv2d(nmaps + extra, nmaps, kernel, padding=kernel // 2)
+        k = _kernel(kernel, height)
+        self.gates = nn.Conv2d(nmaps + extra, 2 * nmaps, k, padding=(k[0] // 2, k[1] // 2))  # u, r
+        self.candidate = nn.Conv2d(nmaps + extra, nmaps, k, padding=(k[0] // 2, k[1] // 2))
         nn.init.constant_(self.gates.bias, gate_bias)  # start by keeping the state (the public code: 1.0)
         nn.init.zeros_(self.candidate.bias)
 
-    def forward(self, s: Tensor, extra: Tensor | None = None) -> Tensor:
+    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u, r = cutoff_sigmoid(self.gates(s if extra is None else torch.cat([s, extra], 1)), self.cutoff).chunk(2, 1)
         c = torch.tanh(self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1)))
-        return u * s + (1 - u) * c
+        return u * s + (1 - u) * c, s.new_zeros(())
+
+
+class DCGRU(CGRU):
+    """The diagonal CGRU of the improved Neural GPU (Freivalds & Liepins 2018):
+    u = hσ(conv_u(s)), r = hσ(conv_r(s)), c = htanh(conv(r * s)), s' = u * shift(s) + (1 - u) * c,
+    with hσ the hard sigmoid, htanh the hard tanh, and shift(s) moving the second third of the
+    channels one position right and the last third one position left (zeros enter at the ends):
+    a gate that keeps the state also carries it along the tape, one position a step. Dropout
+    (training) applies to c. Returns (s', the saturation cost of the three pre-activations)."""
+
+    def __init__(self, nmaps: int, kernel: int = 3, extra: int = 0, height: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(nmaps, kernel, extra=extra, height=height)
+        self.third = nmaps // 3
+        self.dropout = dropout
+        with torch.no_grad():  # the public code's starting biases: u = 0.85, r = 0.75
+            self.gates.bias[:nmaps] = 0.7
+            self.gates.bias[nmaps:] = 0.5
+
+    def shift(self, s: Tensor) -> Tensor:
+        """s [B, m, h, n] with channels m - 2t..m - t - 1 moved one position right, m - t..m - 1 one left."""
+        t, m = self.third, s.shape[1]
+        right = F.pad(s[:, m - 2 * t:m - t, :, :-1], (1, 0))
+        left = F.pad(s[:, m - t:, :, 1:], (0, 1))
+        return torch.cat([s[:, :m - 2 * t], right, left], 1)
+
+    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        gates = self.gates(s if extra is None else torch.cat([s, extra], 1))
+        u, r = hard_sigmoid(gates).chunk(2, 1)
+        pre = self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1))
+        c = F.dropout(torch.clamp(pre, -1.0, 1.0), self.dropout, self.training)
+        return u * self.shift(s) + (1 - u) * c, saturation_cost(gates) + saturation_cost(pre)
 
 
 @dataclass
 class NeuralGPUOutput:
     """logits [B, T, V]; ce: mean cross-entropy over non-padding targets; read: the memory read of
     the positions that had one (None without memory); value [B, T] (-1: none) and confidence
-    [B, T] of the decoder's reads."""
+    [B, T] of the decoder's reads; saturation: the dcgru's weighted saturation cost (a mean over
+    the cell applications; 0 without)."""
 
     logits: Tensor
     ce: Tensor | None
     read: MemoryRead | None
     value: Tensor
     confidence: Tensor
+    saturation: Tensor
 
     @property
     def loss(self) -> Tensor:
-        """Cross-entropy plus the memory loss."""
-        return self.ce + self.read.loss if self.read is not None and self.read.loss is not None else self.ce
+        """Cross-entropy plus the saturation cost plus the memory loss."""
+        loss = self.ce + self.saturation
+        return loss + self.read.loss if self.read is not None and self.read.loss is not None else loss
 
 
 class NeuralGPU(nn.Module):
@@ -142,14 +204,15 @@ class NeuralGPU(nn.Module):
         self.cfg = cfg
         m = cfg.nmaps
         self.embed = nn.Embedding(cfg.in_vocab, m, padding_idx=cfg.pad)
-        self.encoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, gate_bias=cfg.gate_bias)
-                                     for _ in range(cfg.nconvs))
+        if cfg.cell == "dcgru":  # inside the hard tanh's linear range (the public code's Glorot init)
+            nn.init.uniform_(self.embed.weight, -0.3, 0.3)
+            self.embed.weight.data[cfg.pad] = 0
+        self.encoder = nn.ModuleList(self._cell(0) for _ in range(cfg.nconvs))
         if cfg.extended:
             self.target_embed = nn.Embedding(cfg.out_vocab, m, padding_idx=cfg.pad)  # also the output layer
             nn.init.normal_(self.target_embed.weight, std=m ** -0.5)  # logits of order 1 at the start
             self.target_embed.weight.data[cfg.pad] = 0
-            self.decoder = nn.ModuleList(CGRU(m, cfg.kernel, cfg.cutoff, extra=m, gate_bias=cfg.gate_bias)
-                                         for _ in range(cfg.nconvs))
+            self.decoder = nn.ModuleList(self._cell(m) for _ in range(cfg.nconvs))
         else:
             self.output = nn.Linear(m, cfg.out_vocab)
         if cfg.use_memory:
@@ -158,21 +221,40 @@ class NeuralGPU(nn.Module):
                 self.memory_log_gain = nn.Parameter(torch.tensor(math.log(cfg.memory_gain)))
 
     # -- building blocks -------------------------------------------------------------------------
-    def _steps(self, cgrus: nn.ModuleList, s: Tensor, extra: Tensor | None = None) -> Tensor:
-        s = F.dropout(s, self.cfg.dropout, self.training)
-        for cgru in cgrus:
-            s = cgru(s, extra)
-        return s
+    def _cell(self, extra: int) -> CGRU:
+        c = self.cfg
+        if c.cell == "dcgru":
+            return DCGRU(c.nmaps, c.kernel, extra=extra, height=c.height, dropout=c.dropout)
+        return CGRU(c.nmaps, c.kernel, c.cutoff, extra=extra, gate_bias=c.gate_bias, height=c.height)
+
+    def _steps(self, cells: nn.ModuleList, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One step: every cell once over the tape. Returns (s, the cells' summed saturation cost)."""
+        if self.cfg.cell == "cgru":  # the dcgru drops out its candidate instead
+            s = F.dropout(s, self.cfg.dropout, self.training)
+        cost = s.new_zeros(())
+        for cell in cells:
+            s, c = cell(s, extra)
+            cost = cost + c
+        return s, cost
 
     def encode(self, src: Tensor) -> Tensor:
         """src [B, n] -> the final tape [B, m, h, n] after n steps."""
+        return self._encode(src)[0]
+
+    def _encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """(the final tape [B, m, h, n], the saturation cost summed over the cells' n * nconvs uses)."""
         check_tokens("src", src, self.cfg.in_vocab)
         B, n = src.shape
         s = self.embed(src).transpose(1, 2)[:, :, None]  # (B, m, 1, n): row 0
+        cost = s.new_zeros(())
+        if self.cfg.cell == "dcgru":  # hard non-linearities throughout
+            cost = saturation_cost(s)
+            s = torch.clamp(s, -1.0, 1.0)
         s = F.pad(s, (0, 0, 0, self.cfg.height - 1))     # rows 1..h-1: zeros
         for _ in range(n):
-            s = self._steps(self.encoder, s)
-        return s
+            s, c = self._steps(self.encoder, s)
+            cost = cost + c
+        return s, cost
 
     def _logits(self, row: Tensor, value: Tensor | None = None, confidence: Tensor | None = None) -> Tensor:
         """Row-0 cells [..., m] -> logits [..., V] (extended: tied to the target embedding); with the
@@ -208,21 +290,24 @@ class NeuralGPU(nn.Module):
         B, n = src.shape
         if tgt is not None:
             self._check_targets(src, tgt)
-        s = self.encode(src)
+        s, cost = self._encode(src)
+        uses = n * self.cfg.nconvs  # cell applications, for the saturation cost's mean
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0].transpose(1, 2))  # (B, n, V)
             if tgt is not None and tgt.shape[1] < n:
                 tgt = F.pad(tgt, (0, n - tgt.shape[1]))
             value = torch.full((B, n), -1, dtype=torch.int64, device=src.device)
             return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), None, value,
-                                   torch.zeros(B, n, device=src.device))
+                                   torch.zeros(B, n, device=src.device), self.cfg.saturation * cost / uses)
         if tgt is None:
             raise ValueError("tgt: the Extended Neural GPU's teacher-forced pass needs the targets [B, T]")
-        _, logits, value, confidence, queries = self._decode(s, tgt.shape[1], memory, forced=tgt)
+        _, logits, value, confidence, queries, decoder_cost = self._decode(s, tgt.shape[1], memory, forced=tgt)
+        uses += tgt.shape[1] * self.cfg.nconvs
         read = None
         if queries is not None:  # one read of every query: the memory loss and the write's plan
             read = memory.read(*self._labelled(queries, tgt))
-        return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value, confidence)
+        return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value, confidence,
+                               self.cfg.saturation * (cost + decoder_cost) / uses)
 
     @torch.no_grad()
     def teacher_forced_queries(self, src: Tensor, tgt: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
@@ -231,7 +316,7 @@ class NeuralGPU(nn.Module):
         if not self.cfg.extended or not self.cfg.use_memory or memory is None:
             raise ValueError("teacher_forced_queries: the model has no memory (or none was passed)")
         self._check_targets(src, tgt)
-        return self._labelled(self._decode(self.encode(src), tgt.shape[1], memory, forced=tgt)[-1], tgt)
+        return self._labelled(self._decode(self.encode(src), tgt.shape[1], memory, forced=tgt)[4], tgt)
 
     def _check_targets(self, src: Tensor, tgt: Tensor) -> None:
         check_tokens("tgt", tgt, self.cfg.out_vocab, rows=src.shape[0])
@@ -264,17 +349,18 @@ class NeuralGPU(nn.Module):
         return tokens, logits
 
     def _decode(self, s: Tensor, T: int, memory: Memory | None,
-                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
         """The extended model's T decoder steps from the encoder's tape s: each output onto p is
         forced[:, t] (teacher forcing) or the argmax. Returns tokens [B, T], logits [B, T, V], the
-        memory's values [B, T] (-1: none) and confidences [B, T], and its queries [T, B, m] (None
-        without a memory)."""
+        memory's values [B, T] (-1: none) and confidences [B, T], its queries [T, B, m] (None
+        without a memory), and the cells' summed saturation cost."""
         B = s.shape[0]
         d, p = s, torch.zeros_like(s)
         use_memory = self.cfg.use_memory and memory is not None
         # output t's memory value and confidence (lists: the logits keep each step's for backward)
         none = torch.full((B,), -1, dtype=torch.int64, device=s.device), torch.zeros(B, device=s.device)
         value, confidence, tokens, logits, queries = [], [], [], [], []
+        cost = s.new_zeros(())
         for t in range(T):
             for position in ((0, 1) if t == 0 else (t + 1,)):  # before step t: position t + 1 (step 0: also 0)
                 if position >= T:
@@ -286,12 +372,13 @@ class NeuralGPU(nn.Module):
                     v, c = none
                 value.append(v)
                 confidence.append(c)
-            d = self._steps(self.decoder, d, p)
+            d, c = self._steps(self.decoder, d, p)
+            cost = cost + c
             logits.append(self._logits(d[:, :, 0, t], value[t], confidence[t]))
             tokens.append(logits[-1].argmax(-1) if forced is None else forced[:, t])
             p = self._place(p, t, self.target_embed(tokens[-1]))
         return (torch.stack(tokens, 1), torch.stack(logits, 1), torch.stack(value, 1), torch.stack(confidence, 1),
-                torch.stack(queries) if queries else None)
+                torch.stack(queries) if queries else None, cost)
 
 
     def _recall(self, d: Tensor, p: Tensor, position: int,
@@ -330,7 +417,7 @@ class NeuralGPU(nn.Module):
             value_t, confidence_t = value, confidence
             if use_memory and t + 1 < T:
                 p, value, confidence, _ = self._recall(d, p, t + 1, memory)
-            d = self._steps(self.decoder, d, p)
+            d, _ = self._steps(self.decoder, d, p)
             logp = torch.log_softmax(self._logits(d[:, :, 0, t], value_t, confidence_t), -1)  # (B * beam, V)
             V = logp.shape[-1]
             score, flat = (score[:, :, None] + logp.view(B, beam, V)).view(B, -1).topk(beam, dim=1)

@@ -19,6 +19,10 @@ class AlgorithmicRunConfig:
     symbols: int = option(8, "rev / copy / sort: letters in the alphabet")
     model: Literal["tiny", "small", "paper"] = option("tiny", "model size (neural_gpu.NEURAL_GPU_PRESETS)")
     nmaps: int = option(0, "channels of the tape (0: the model preset's)")
+    height: int = option(0, "rows of the tape (0: the model preset's)")
+    cell: Literal["cgru", "dcgru"] = option(
+        "cgru", "the step's cell: cgru (Kaiser & Sutskever) or dcgru (Freivalds & Liepins' diagonal gates, hard gates)")
+    saturation: float = option(0.0, "dcgru: weight of the saturation cost in the loss")
     extended: bool = option(False, "the Extended Neural GPU (a decoder tape) instead of the Neural GPU")
     workers: int = option(2, "data-parallel trainers (Ray Train)")
     cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
@@ -27,7 +31,7 @@ class AlgorithmicRunConfig:
     batch_size: int = option(16, "instances per trainer per step")
     lr: float = option(1e-3, "Adam learning rate")
     clip_norm: float = option(1.0, "gradient-norm clipping")
-    dropout: float = option(0.0, "dropout on the tape before every step")
+    dropout: float = option(0.0, "dropout on the tape before every step (dcgru: on the cell's candidate)")
     grad_noise: float = option(0.0, "gradient noise: N(0, eta / (1 + step)^0.55) added to every gradient (eta)")
     curriculum_start: int = option(3, "curriculum: the longest training length at step 0")
     curriculum_every: int = option(200, "curriculum: steps between growths of the longest length by one")
@@ -43,7 +47,8 @@ class AlgorithmicRunConfig:
     def __post_init__(self) -> None:
         check_fields(self, at_least_one=("workers", "steps", "batch_size", "test_instances", "eval_instances",
                                          "log_every", "checkpoint_every", "curriculum_every"),
-                     non_negative=("cpus_per_worker", "threads", "nmaps", "eval_every", "grad_noise"),
+                     non_negative=("cpus_per_worker", "threads", "nmaps", "height", "eval_every", "grad_noise",
+                                   "saturation"),
                      positive_finite=("lr",))
         vocabulary(self.task, self.symbols)
         self.curriculum()
@@ -57,9 +62,10 @@ class AlgorithmicRunConfig:
 
     def model_config(self) -> NeuralGPUConfig:
         vocab = vocabulary(self.task, self.symbols)
-        sizes = {**NEURAL_GPU_PRESETS[self.model], **({"nmaps": self.nmaps} if self.nmaps else {})}
+        sizes = {**NEURAL_GPU_PRESETS[self.model], **({"nmaps": self.nmaps} if self.nmaps else {}),
+                 **({"height": self.height} if self.height else {})}
         return NeuralGPUConfig(in_vocab=vocab.in_size, out_vocab=vocab.out_size, dropout=self.dropout,
-                               extended=self.extended, **sizes)
+                               extended=self.extended, cell=self.cell, saturation=self.saturation, **sizes)
 
 
 PRESETS: dict[str, dict] = {

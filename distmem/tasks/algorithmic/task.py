@@ -83,7 +83,8 @@ class AlgorithmicTask:
                     p.grad.add_(torch.randn_like(p.grad) * std)
         optimizer.step()
         right = out.logits.argmax(-1) == tgt
-        return {"ce": float(out.ce.detach()), "accuracy": float(right.float().mean()),
+        return {"ce": float(out.ce.detach()), "saturation": float(out.saturation.detach()),
+                "accuracy": float(right.float().mean()),
                 "sequence_accuracy": float(right.all(1).float().mean()), "length": float(src.shape[1]),
                 "grad_norm": float(norm)}
 
