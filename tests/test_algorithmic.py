@@ -25,7 +25,7 @@ from distmem.tasks.algorithmic.data import (
     solve,
     vocabulary,
 )
-from distmem.tasks.algorithmic.task import answer, load_trained
+from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained
 
 from conftest import run_job
 
@@ -99,14 +99,32 @@ def test_the_curriculum_grows_to_its_longest_and_draws_within_bounds():
         Curriculum(start=30, longest=20)
 
 
-def test_the_task_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("cell", ["cgru", "dcgru"])
+def test_the_task_resumed_equals_uninterrupted(tmp_path, cell):
+    """Also with the dcgru's saturation cost, the annealed learning rate and the validation length."""
+    extra = dict(cell="dcgru", saturation=1e-3, lr_end=1e-4, validation_length=9) if cell == "dcgru" else {}
     cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=4, batch_size=4, curriculum_every=1,
                                max_length=7, eval_every=2, eval_instances=8, log_every=1, checkpoint_every=2,
-                               grad_noise=0.01)
+                               grad_noise=0.01, **extra)
     saved = assert_resume_equals_uninterrupted(lambda: AlgorithmicTask(cfg), tmp_path)
     assert [e["step"] for e in saved["evals"]] == [2, 4]
+    assert all(("validation_accuracy" in e) == (cell == "dcgru") for e in saved["evals"])
     assert [c["length"] for c in saved["curve"]] == [  # the curriculum's draws, replayed from the seeds
         Curriculum(3, 7, 1).length_at(s, np.random.default_rng([0, 0, s])) for s in range(4)]
+
+
+def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
+    cfg = AlgorithmicRunConfig(steps=101, lr=1e-2, lr_end=1e-4)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-2) and learning_rate(cfg, 100) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 50) == pytest.approx((1e-2 + 1e-4) / 2)
+    assert learning_rate(cfg, 25) == pytest.approx(1e-4 + (1e-2 - 1e-4) * (1 + 2 ** -0.5) / 2)
+    rates = [learning_rate(cfg, s) for s in range(101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(AlgorithmicRunConfig(steps=101, lr=1e-2), 70) == 1e-2  # lr_end 0: constant
+    task = AlgorithmicTask(AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", steps=101, lr=1e-2, lr_end=1e-4))
+    model, optimizer = task.build()
+    task.train_step(model, None, next(task.batches(0, 1, 0)), optimizer, 50)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(task.config, 50))
 
 
 @pytest.fixture(scope="module")

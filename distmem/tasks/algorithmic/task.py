@@ -3,6 +3,7 @@ none) on seeded random instances under the length curriculum, and their sequence
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,15 @@ def sequence_accuracy(model: NeuralGPU, cfg: AlgorithmicRunConfig, length: int, 
         right += int((out == torch.from_numpy(tgt)).all(1).sum())
     model.train(was_training)
     return 100.0 * right / instances
+
+
+def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
+    """The learning rate of `step` (0-based): cosine from cfg.lr at step 0 to cfg.lr_end at the last
+    step (constant cfg.lr when lr_end is 0)."""
+    if not cfg.lr_end:
+        return cfg.lr
+    done = min(step, cfg.steps - 1) / max(cfg.steps - 1, 1)
+    return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * done))
 
 
 class AlgorithmicTask:
@@ -71,6 +81,9 @@ class AlgorithmicTask:
                    optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         c = self.config
         model.train()
+        if c.lr_end:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(c, step)
         src, tgt = batch
         out = model(src, tgt)
         optimizer.zero_grad()
@@ -89,10 +102,15 @@ class AlgorithmicTask:
                 "grad_norm": float(norm)}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Sequence accuracy (%) at the longest training length, on the same fresh instances each time."""
+        """Sequence accuracy (%) at the longest training length, and at `validation_length` if set, on
+        the same fresh instances each time (seed + 1; the generalisation test draws from seed + 2)."""
         net = getattr(model, "module", model)
         c = self.config
-        return {"sequence_accuracy": sequence_accuracy(net, c, c.max_length, c.eval_instances, seed=c.seed + 1)}
+        scores = {"sequence_accuracy": sequence_accuracy(net, c, c.max_length, c.eval_instances, seed=c.seed + 1)}
+        if c.validation_length:
+            scores["validation_accuracy"] = sequence_accuracy(net, c, c.validation_length, c.eval_instances,
+                                                              seed=c.seed + 1)
+        return scores
 
     def summary(self) -> dict[str, Any]:
         return {}
