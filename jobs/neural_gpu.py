@@ -24,7 +24,7 @@ from distmem import checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.plots import line_plot
 from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask, sequence_accuracy
-from distmem.tasks.algorithmic.task import load_trained
+from distmem.tasks.algorithmic.task import load_trained, select_checkpoint
 
 
 def plot_generalisation(accuracy: dict[int, float], path: Path, title: str, trained_to: int) -> None:
@@ -51,8 +51,13 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
            lambda: fit(AlgorithmicTask(cfg), store, args.address, max_failures=args.max_failures),
            postfix=lambda s: {"ce": f"{s['ce']:.3f}", "len": int(s["length"]), "seq": f"{s['sequence_accuracy']:.2f}"})
     train_seconds = time.time() - started
-    model, _ = load_trained(store.uri)
     trained = checkpoints.load(store, checkpoints.latest(store))
+    # the model to test: the best at the validation length (fresh instances the test never draws), else the last
+    steps = {int(e["step"]) for e in trained["evals"]}
+    saved = {s for s in steps if store.exists(f"checkpoints/step-{s:07d}/model.pt")}
+    chosen = select_checkpoint(trained["evals"], saved)
+    checkpoint = f"checkpoints/step-{chosen:07d}" if chosen is not None else checkpoints.latest(store)
+    model, _ = load_trained(store.uri, checkpoint)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}
     for length in tqdm(sorted(cfg.test_lengths), desc="generalisation test", unit="length"):
@@ -62,7 +67,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     perfect = [n for n in sorted(accuracy) if accuracy[n] == 100.0]
     metrics = {"preset": cfg.preset, "task": cfg.task, "config": vars(cfg), "steps": cfg.steps,
                "sequence_accuracy": accuracy, "test_instances": cfg.test_instances, "test_seconds": seconds,
-               "longest_perfect_length": max(perfect) if perfect else None,
+               "longest_perfect_length": max(perfect) if perfect else None, "checkpoint": checkpoint,
                "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "curve": trained["curve"], "evals": trained["evals"]}
     store.write_text("metrics.json", json.dumps(metrics, indent=1, default=list))
@@ -71,7 +76,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
                             f"Neural GPU, {cfg.task}: {cfg.steps} steps", cfg.max_length)
         store.upload(Path(tmp) / "generalisation.png", "generalisation.png")
     print(f"\n{cfg.task}: sequence accuracy on {cfg.test_instances} fresh instances per length "
-          f"(trained on lengths <= {cfg.max_length})")
+          f"(trained on lengths <= {cfg.max_length}; {checkpoint}"
+          f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
     for length in sorted(accuracy):
         print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s)")
     print(f"\nwall time {metrics['wall_seconds']:.0f} s (training {train_seconds:.0f} s); metrics.json and "

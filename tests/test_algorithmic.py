@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_training import assert_resume_equals_uninterrupted
 
 from distmem.tasks.algorithmic import AlgorithmicRunConfig, AlgorithmicTask
@@ -25,7 +26,7 @@ from distmem.tasks.algorithmic.data import (
     solve,
     vocabulary,
 )
-from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained
+from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained, select_checkpoint
 
 from conftest import run_job
 
@@ -127,6 +128,17 @@ def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(task.config, 50))
 
 
+def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
+    evals = [{"step": 2, "validation_accuracy": 10.0}, {"step": 4, "validation_accuracy": 90.0},
+             {"step": 6, "validation_accuracy": 40.0}, {"step": 8, "validation_accuracy": 90.0},
+             {"step": 9, "validation_accuracy": 95.0}]
+    assert select_checkpoint(evals, {2, 4, 6, 8, 9}) == 9
+    assert select_checkpoint(evals, {2, 4, 6, 8}) == 8        # a tie: the later one; step 9 has no checkpoint
+    assert select_checkpoint(evals, {2, 4, 6}) == 4
+    assert select_checkpoint(evals, set()) is None
+    assert select_checkpoint([{"step": 2, "sequence_accuracy": 50.0}], {2}) is None  # no validation length
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A run folder as jobs.neural_gpu leaves it (a few steps of a small model, no Ray)."""
@@ -168,4 +180,8 @@ def test_quick_preset_end_to_end(tmp_path):
     assert sorted(map(int, metrics["sequence_accuracy"])) == [8, 16]
     assert all(0 <= a <= 100 for a in metrics["sequence_accuracy"].values())
     assert [e["step"] for e in metrics["evals"]] == [10, 20] and metrics["curve"][-1]["step"] == 20
+    best = max(metrics["evals"], key=lambda e: (e["validation_accuracy"], e["step"]))
+    assert metrics["checkpoint"] == f"checkpoints/step-{best['step']:07d}"  # the test's model: the best at length 12
+    default, chosen = (load_trained(str(run), c)[0].state_dict() for c in (None, metrics["checkpoint"]))
+    assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model
     assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout

@@ -41,8 +41,8 @@ class AlgorithmicRunConfig:
     test_instances: int = option(1024, "fresh instances per test length")
     eval_every: int = option(500, "steps between points of the accuracy curve (at the longest training length)")
     eval_instances: int = option(256, "instances per point of the accuracy curve")
-    validation_length: int = option(0, "also score this longer length at every eval (0: none): the generalisation "
-                                       "signal that presets are chosen on, on instances the test never sees")
+    validation_length: int = option(0, "also score this longer length at every eval (0: none), on instances the "
+                                       "test never sees; the test then takes the checkpoint that scored best")
     log_every: int = option(50, "steps between points of the training curve")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the instances, the initialisation and the noise")
@@ -79,7 +79,7 @@ IMPROVED = dict(cell="dcgru", height=1, nmaps=48, dropout=0.5, saturation=1e-3, 
 PRESETS: dict[str, dict] = {
     # CI smoke run: a few steps, short test lengths, few instances
     "quick": dict(IMPROVED, steps=20, curriculum_every=5, max_length=8, test_lengths=(8, 16), test_instances=32,
-                  eval_every=10, eval_instances=16, log_every=5, checkpoint_every=10),
+                  eval_every=10, eval_instances=16, log_every=5, checkpoint_every=10, validation_length=12),
     # the measured CPU run: training and the generalisation test within an hour on 2 cores
     "default": dict(IMPROVED, steps=33_000, eval_every=2000, checkpoint_every=2000, validation_length=50),
     # the first measured run: Kaiser & Sutskever's CGRU, 4 rows of 24 channels (docs/experiments.md)

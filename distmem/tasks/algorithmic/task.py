@@ -116,18 +116,32 @@ class AlgorithmicTask:
         return {}
 
 
-def load_trained(run: str) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
-    """The model of the latest checkpoint of a `jobs.neural_gpu` run folder (path or URI), and its config.
+def select_checkpoint(evals: list[dict[str, float]], saved: set[int]) -> int | None:
+    """The step whose model to test: of the evals at a `saved` (checkpointed) step, the best
+    validation accuracy, the later step on a tie; None without validation scores."""
+    scored = [e for e in evals if "validation_accuracy" in e and int(e["step"]) in saved]
+    if not scored:
+        return None
+    return int(max(scored, key=lambda e: (e["validation_accuracy"], e["step"]))["step"])
+
+
+def load_trained(run: str, checkpoint: str | None = None) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
+    """The model of a `jobs.neural_gpu` run folder (path or URI) and its config: the checkpoint
+    given ("checkpoints/step-0002000"), else the one its test chose (metrics.json), else the latest.
     A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
+    import json  # noqa: PLC0415
+
     from distmem import checkpoints  # noqa: PLC0415
     from distmem.cli import from_dict  # noqa: PLC0415
     from distmem.runs import RunStore  # noqa: PLC0415
 
     store = RunStore(str(run))
-    latest = checkpoints.latest(store)
-    if latest is None:
+    if checkpoint is None and store.exists("metrics.json"):
+        checkpoint = json.loads(store.read_text("metrics.json")).get("checkpoint")
+    checkpoint = checkpoint or checkpoints.latest(store)
+    if checkpoint is None:
         raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
-    payload = checkpoints.load(store, latest)
+    payload = checkpoints.load(store, checkpoint)
     cfg = from_dict(AlgorithmicRunConfig, payload["config"])
     model = NeuralGPU(cfg.model_config())
     model.load_state_dict(payload["model"])
