@@ -3,7 +3,8 @@ with the memory of Kaiser et al. (2017), the paper's Figure 3. Spec: shared/docs
 
 The state is a tape s [B, m, h, n]: m = nmaps channels, h rows, n positions (the padded length).
 The input's embedding fills row 0; each of n steps applies `nconvs` convolutional GRUs (CGRU,
-shared by every step) to the whole tape.
+shared by every step) to the whole tape. The cell is Kaiser & Sutskever's CGRU or, with
+`cell="dcgru"`, the improved Neural GPU's diagonal CGRU with hard gates (Freivalds & Liepins 2018).
 
 - Neural GPU (`extended=False`): the logits of position i come from row 0 of the final tape;
   the output has the input's length (the algorithmic tasks pad both to n).
@@ -57,7 +58,7 @@ class NeuralGPUConfig:
     kernel: int = 3           # CGRU kernel (kernel x kernel)
     nconvs: int = 2           # CGRUs per step
     cutoff: float = 1.2       # the gates' cut-off sigmoid: clip(c * sigmoid(x) - (c - 1) / 2, 0, 1)
-    dropout: float = 0.0      # on the tape before every step (training only)
+    dropout: float = 0.0      # on the tape before every step (dcgru: on the candidate; training only)
     gate_bias: float = 1.0    # initial bias of the CGRU gates: > 0 starts by keeping the state
     # the step's cell: "cgru" (Kaiser & Sutskever) or "dcgru", Freivalds & Liepins' diagonal CGRU
     # with hard gates (the improved Neural GPU; see DCGRU)
