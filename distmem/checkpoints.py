@@ -36,6 +36,17 @@ def latest(store: RunStore) -> str | None:
     return f"checkpoints/{json.loads(store.read_text(LATEST))['name']}"
 
 
+def step_name(step: int) -> str:
+    """The name training gives the checkpoint of `step`: "step-0002000"."""
+    return f"step-{step:07d}"
+
+
+def at_step(store: RunStore, step: int) -> str | None:
+    """The run's checkpoint of `step` ("checkpoints/step-0002000"), or None if none was saved there."""
+    checkpoint = f"checkpoints/{step_name(step)}"
+    return checkpoint if store.exists(f"{checkpoint}/model.pt") else None
+
+
 def read_payload(data: bytes, where: str) -> dict[str, Any]:
     """A model.pt payload from its bytes, on the CPU, refusing anything but tensors and plain data."""
     try:

@@ -217,7 +217,7 @@ def run_worker(task: Task, store: RunStore, rank: int = 0, world: int = 1, memor
         if schedule.eval_every and (done % schedule.eval_every == 0 or done == schedule.steps):
             evals.append({"step": done, "seconds": time.time() - started, **task.evaluate(net)})
         if done % schedule.checkpoint_every == 0 or done == schedule.steps:
-            checkpoints.save(store, f"step-{done:07d}",
+            checkpoints.save(store, checkpoints.step_name(done),
                              {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                               "config": asdict(task.config), "task": task.name, "step": done, "curve": curve,
                               "evals": evals, "summary": task.summary(), "seconds": time.time() - started}, memory)

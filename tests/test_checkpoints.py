@@ -50,6 +50,14 @@ def test_save_latest_restore_round_trip(tmp_path):
     assert checkpoints.restore(RunStore(tmp_path / "empty"), fresh) is None  # a new run: nothing to restore
 
 
+def test_a_checkpoint_is_found_by_its_step(tmp_path):
+    store = RunStore(tmp_path / "run")
+    checkpoints.save(store, checkpoints.step_name(2000), {"step": 2000})
+    assert checkpoints.step_name(2000) == "step-0002000"
+    assert checkpoints.at_step(store, 2000) == "checkpoints/step-0002000" == checkpoints.latest(store)
+    assert checkpoints.at_step(store, 1000) is None
+
+
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "payload-ran"
     store = RunStore(tmp_path / "run")
