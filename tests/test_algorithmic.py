@@ -26,7 +26,7 @@ from distmem.tasks.algorithmic.data import (
     solve,
     vocabulary,
 )
-from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained, select_checkpoint
+from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained, saturation_scale, select_checkpoint
 
 from conftest import run_job
 
@@ -103,7 +103,8 @@ def test_the_curriculum_grows_to_its_longest_and_draws_within_bounds():
 @pytest.mark.parametrize("cell", ["cgru", "dcgru"])
 def test_the_task_resumed_equals_uninterrupted(tmp_path, cell):
     """Also with the dcgru's saturation cost, the annealed learning rate and the validation length."""
-    extra = dict(cell="dcgru", saturation=1e-3, lr_end=1e-4, validation_length=9) if cell == "dcgru" else {}
+    extra = dict(cell="dcgru", saturation=1e-3, saturation_share=0.01, lr_end=1e-4,
+                 validation_length=9) if cell == "dcgru" else {}
     cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=4, batch_size=4, curriculum_every=1,
                                max_length=7, eval_every=2, eval_instances=8, log_every=1, checkpoint_every=2,
                                grad_noise=0.01, **extra)
@@ -126,6 +127,33 @@ def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
     model, optimizer = task.build()
     task.train_step(model, None, next(task.batches(0, 1, 0)), optimizer, 50)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(task.config, 50))
+
+
+def test_the_saturation_share_caps_the_cost_at_a_share_of_the_cross_entropy():
+    """Hand-computed factors, then a step's gradient: that of ce + factor x the weighted cost."""
+    cfg = AlgorithmicRunConfig(saturation=1e-3, saturation_share=0.01)
+    assert saturation_scale(cfg, ce=0.5, saturation=0.01) == pytest.approx(0.5)  # 0.01 x 0.5 / 0.01
+    assert saturation_scale(cfg, ce=2.0, saturation=0.01) == 1.0  # within the share: the fixed weight
+    assert saturation_scale(cfg, ce=0.5, saturation=0.0) == 1.0
+    assert saturation_scale(AlgorithmicRunConfig(saturation=1e-3), ce=1e-6, saturation=0.01) == 1.0  # share 0
+    with pytest.raises(ValueError, match="--saturation-share"):
+        AlgorithmicRunConfig(saturation_share=-0.1)
+    task = AlgorithmicTask(AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", saturation=0.05,
+                                                saturation_share=0.02, clip_norm=1e9))
+    model, optimizer = task.build()
+    with torch.no_grad():  # pre-activations beyond the hard gates' range, so that the cost is not 0
+        for p in model.parameters():
+            p.mul_(4)
+    twin = AlgorithmicTask(task.config).build()[0]
+    twin.load_state_dict(model.state_dict())
+    src, tgt = next(task.batches(0, 1, 0))
+    task.train_step(model, None, (src, tgt), optimizer, 0)
+    out = twin(src, tgt)
+    scale = 0.02 * float(out.ce) / float(out.saturation)
+    assert 0 < scale < 1  # the case the share changes
+    (out.ce + scale * out.saturation).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 def test_the_test_takes_the_checkpoint_best_at_the_validation_length():

@@ -23,6 +23,9 @@ class AlgorithmicRunConfig:
     cell: Literal["cgru", "dcgru"] = option(
         "cgru", "the step's cell: cgru (Kaiser & Sutskever) or dcgru (Freivalds & Liepins' diagonal gates, hard gates)")
     saturation: float = option(0.0, "dcgru: weight of the saturation cost in the loss")
+    saturation_share: float = option(
+        0.0, "dcgru: cap the weighted saturation cost at this share of the step's cross-entropy, so it fades as "
+             "the fit gets exact (Freivalds & Liepins keep it at lr x loss; 0: the fixed --saturation)")
     extended: bool = option(False, "the Extended Neural GPU (a decoder tape) instead of the Neural GPU")
     workers: int = option(2, "data-parallel trainers (Ray Train)")
     cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
@@ -51,7 +54,8 @@ class AlgorithmicRunConfig:
         check_fields(self, at_least_one=("workers", "steps", "batch_size", "test_instances", "eval_instances",
                                          "log_every", "checkpoint_every", "curriculum_every"),
                      non_negative=("cpus_per_worker", "threads", "nmaps", "height", "eval_every", "grad_noise",
-                                   "saturation", "lr_end", "validation_length"),
+                                   "saturation", "saturation_share", "lr_end",
+                                   "validation_length"),
                      positive_finite=("lr",))
         vocabulary(self.task, self.symbols)
         self.curriculum()

@@ -42,6 +42,16 @@ def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
     return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * done))
 
 
+def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float) -> float:
+    """The factor on a step's weighted saturation cost: 1, or with `saturation_share` at most
+    share x ce / saturation, so the cost stays within that share of the cross-entropy. With a
+    fixed weight the cost outgrows the cross-entropy once the training lengths are right, and
+    keeps the gates from saturating, which long tapes need to hold their values."""
+    if not cfg.saturation_share or saturation <= 0:
+        return 1.0
+    return min(1.0, cfg.saturation_share * ce / saturation)
+
+
 class AlgorithmicTask:
     """cfg: the run config (its task, model and curriculum)."""
 
@@ -86,8 +96,9 @@ class AlgorithmicTask:
                 group["lr"] = learning_rate(c, step)
         src, tgt = batch
         out = model(src, tgt)
+        scale = saturation_scale(c, float(out.ce.detach()), float(out.saturation.detach()))
         optimizer.zero_grad()
-        out.loss.backward()
+        (out.loss - (1 - scale) * out.saturation).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
         if c.grad_noise:  # Neelakantan et al.'s annealed noise (the step's seed makes it reproducible)
             std = (c.grad_noise / (1 + step) ** 0.55) ** 0.5
@@ -96,7 +107,7 @@ class AlgorithmicTask:
                     p.grad.add_(torch.randn_like(p.grad) * std)
         optimizer.step()
         right = out.logits.argmax(-1) == tgt
-        return {"ce": float(out.ce.detach()), "saturation": float(out.saturation.detach()),
+        return {"ce": float(out.ce.detach()), "saturation": scale * float(out.saturation.detach()),
                 "accuracy": float(right.float().mean()),
                 "sequence_accuracy": float(right.all(1).float().mean()), "length": float(src.shape[1]),
                 "grad_norm": float(norm)}
