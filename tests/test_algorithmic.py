@@ -127,6 +127,9 @@ def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
     model, optimizer = task.build()
     task.train_step(model, None, next(task.batches(0, 1, 0)), optimizer, 50)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(task.config, 50))
+    constant = AlgorithmicTask(dataclasses.replace(task.config, lr=3e-4, lr_end=0.0))  # a resume that set --lr
+    constant.train_step(model, None, next(constant.batches(0, 1, 51)), optimizer, 51)
+    assert optimizer.param_groups[0]["lr"] == 3e-4  # not the checkpointed optimizer's rate
 
 
 def test_the_saturation_share_caps_the_cost_at_a_share_of_the_cross_entropy():

@@ -91,9 +91,8 @@ class AlgorithmicTask:
                    optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         c = self.config
         model.train()
-        if c.lr_end:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(c, step)
+        for group in optimizer.param_groups:  # also after a --resume that changed --lr
+            group["lr"] = learning_rate(c, step)
         src, tgt = batch
         out = model(src, tgt)
         scale = saturation_scale(c, float(out.ce.detach()), float(out.saturation.detach()))
