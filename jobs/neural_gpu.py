@@ -54,7 +54,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     trained = checkpoints.load(store, checkpoints.latest(store))
     # the model to test: the best at the validation length (fresh instances the test never draws), else the last
     steps = {int(e["step"]) for e in trained["evals"]}
-    chosen = select_checkpoint(trained["evals"], {s for s in steps if checkpoints.at_step(store, s)})
+    chosen = select_checkpoint(trained["evals"], {s for s in steps if checkpoints.at_step(store, s)},
+                               cfg.validation_length)
     checkpoint = checkpoints.at_step(store, chosen) if chosen is not None else checkpoints.latest(store)
     model, _ = load_trained(store.uri, checkpoint)
     accuracy: dict[int, float] = {}

@@ -123,6 +123,10 @@ def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
     rates = [learning_rate(cfg, s) for s in range(101)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert learning_rate(AlgorithmicRunConfig(steps=101, lr=1e-2), 70) == 1e-2  # lr_end 0: constant
+    dropped = AlgorithmicRunConfig(steps=101, lr=1e-2, lr_drop_at=60, lr_drop=0.1)
+    assert [learning_rate(dropped, s) for s in (0, 59, 60, 100)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    assert learning_rate(dataclasses.replace(cfg, lr_drop_at=60, lr_drop=0.5), 75) == pytest.approx(
+        0.5 * learning_rate(cfg, 75))  # the drop multiplies the cosine
     task = AlgorithmicTask(AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", steps=101, lr=1e-2, lr_end=1e-4))
     model, optimizer = task.build()
     task.train_step(model, None, next(task.batches(0, 1, 0)), optimizer, 50)
@@ -163,11 +167,15 @@ def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
     evals = [{"step": 2, "validation_accuracy": 10.0}, {"step": 4, "validation_accuracy": 90.0},
              {"step": 6, "validation_accuracy": 40.0}, {"step": 8, "validation_accuracy": 90.0},
              {"step": 9, "validation_accuracy": 95.0}]
-    assert select_checkpoint(evals, {2, 4, 6, 8, 9}) == 9
-    assert select_checkpoint(evals, {2, 4, 6, 8}) == 8        # a tie: the later one; step 9 has no checkpoint
-    assert select_checkpoint(evals, {2, 4, 6}) == 4
-    assert select_checkpoint(evals, set()) is None
-    assert select_checkpoint([{"step": 2, "sequence_accuracy": 50.0}], {2}) is None  # no validation length
+    assert select_checkpoint(evals, {2, 4, 6, 8, 9}, 50) == 9
+    assert select_checkpoint(evals, {2, 4, 6, 8}, 50) == 8        # a tie: the later one; step 9 has no checkpoint
+    assert select_checkpoint(evals, {2, 4, 6}, 50) == 4
+    assert select_checkpoint(evals, set(), 50) is None
+    assert select_checkpoint([{"step": 2, "sequence_accuracy": 50.0}], {2}, 50) is None  # no validation length
+    resumed = [{**e, "validation_length": 50.0} for e in evals[:3]] + [  # a resume moved it to 100
+        {"step": 8, "validation_accuracy": 20.0, "validation_length": 100.0}]
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 100) == 8
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 50) == 4
 
 
 @pytest.fixture(scope="module")

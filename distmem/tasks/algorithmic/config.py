@@ -34,6 +34,8 @@ class AlgorithmicRunConfig:
     batch_size: int = option(16, "instances per trainer per step")
     lr: float = option(1e-3, "Adam learning rate")
     lr_end: float = option(0.0, "cosine-anneal the learning rate from --lr to this at the last step (0: keep --lr)")
+    lr_drop_at: int = option(0, "multiply the learning rate by --lr-drop from this step on (0: never)")
+    lr_drop: float = option(0.1, "the factor --lr-drop-at applies")
     clip_norm: float = option(1.0, "gradient-norm clipping")
     dropout: float = option(0.0, "dropout on the tape before every step (dcgru: on the cell's candidate)")
     grad_noise: float = option(0.0, "gradient noise: N(0, eta / (1 + step)^0.55) added to every gradient (eta)")
@@ -55,8 +57,8 @@ class AlgorithmicRunConfig:
                                          "log_every", "checkpoint_every", "curriculum_every"),
                      non_negative=("cpus_per_worker", "threads", "nmaps", "height", "eval_every", "grad_noise",
                                    "saturation", "saturation_share", "lr_end",
-                                   "validation_length"),
-                     positive_finite=("lr",))
+                                   "validation_length", "lr_drop_at"),
+                     positive_finite=("lr", "lr_drop"))
         vocabulary(self.task, self.symbols)
         self.curriculum()
         if not self.test_lengths or min(self.test_lengths) < 3:

@@ -35,11 +35,12 @@ def sequence_accuracy(model: NeuralGPU, cfg: AlgorithmicRunConfig, length: int, 
 
 def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
     """The learning rate of `step` (0-based): cosine from cfg.lr at step 0 to cfg.lr_end at the last
-    step (constant cfg.lr when lr_end is 0)."""
-    if not cfg.lr_end:
-        return cfg.lr
-    done = min(step, cfg.steps - 1) / max(cfg.steps - 1, 1)
-    return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * done))
+    step (constant cfg.lr when lr_end is 0), times cfg.lr_drop from step cfg.lr_drop_at on."""
+    rate = cfg.lr
+    if cfg.lr_end:
+        done = min(step, cfg.steps - 1) / max(cfg.steps - 1, 1)
+        rate = cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * done))
+    return rate * cfg.lr_drop if cfg.lr_drop_at and step >= cfg.lr_drop_at else rate
 
 
 def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float) -> float:
@@ -120,16 +121,19 @@ class AlgorithmicTask:
         if c.validation_length:
             scores["validation_accuracy"] = sequence_accuracy(net, c, c.validation_length, c.eval_instances,
                                                               seed=c.seed + 1)
+            scores["validation_length"] = float(c.validation_length)
         return scores
 
     def summary(self) -> dict[str, Any]:
         return {}
 
 
-def select_checkpoint(evals: list[dict[str, float]], saved: set[int]) -> int | None:
-    """The step whose model to test: of the evals at a `saved` (checkpointed) step, the best
-    validation accuracy, the later step on a tie; None without validation scores."""
-    scored = [e for e in evals if "validation_accuracy" in e and int(e["step"]) in saved]
+def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int) -> int | None:
+    """The step whose model to test: of the evals at a `saved` (checkpointed) step that scored the
+    validation `length` (a resume may have changed it), the best validation accuracy, the later
+    step on a tie; None without such scores."""
+    scored = [e for e in evals if "validation_accuracy" in e and int(e["step"]) in saved
+              and e.get("validation_length", length) == length]
     if not scored:
         return None
     return int(max(scored, key=lambda e: (e["validation_accuracy"], e["step"]))["step"])
