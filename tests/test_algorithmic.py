@@ -138,11 +138,12 @@ def test_the_learning_rate_anneals_from_lr_to_lr_end_on_a_cosine():
 
 def test_the_saturation_share_caps_the_cost_at_a_share_of_the_cross_entropy():
     """Hand-computed factors, then a step's gradient: that of ce + factor x the weighted cost."""
-    cfg = AlgorithmicRunConfig(saturation=1e-3, saturation_share=0.01)
-    assert saturation_scale(cfg, ce=0.5, saturation=0.01) == pytest.approx(0.5)  # 0.01 x 0.5 / 0.01
-    assert saturation_scale(cfg, ce=2.0, saturation=0.01) == 1.0  # within the share: the fixed weight
-    assert saturation_scale(cfg, ce=0.5, saturation=0.0) == 1.0
-    assert saturation_scale(AlgorithmicRunConfig(saturation=1e-3), ce=1e-6, saturation=0.01) == 1.0  # share 0
+    cfg = AlgorithmicRunConfig(saturation=1e-3, saturation_share=0.01, saturation_share_at=10)
+    assert saturation_scale(cfg, ce=0.5, saturation=0.01, step=10) == pytest.approx(0.5)  # 0.01 x 0.5 / 0.01
+    assert saturation_scale(cfg, ce=0.5, saturation=0.01, step=9) == 1.0  # before saturation_share_at
+    assert saturation_scale(cfg, ce=2.0, saturation=0.01, step=10) == 1.0  # within the share: the fixed weight
+    assert saturation_scale(cfg, ce=0.5, saturation=0.0, step=10) == 1.0
+    assert saturation_scale(AlgorithmicRunConfig(saturation=1e-3), ce=1e-6, saturation=0.01, step=10) == 1.0
     with pytest.raises(ValueError, match="--saturation-share"):
         AlgorithmicRunConfig(saturation_share=-0.1)
     task = AlgorithmicTask(AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", saturation=0.05,

@@ -43,12 +43,13 @@ def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
     return rate * cfg.lr_drop if cfg.lr_drop_at and step >= cfg.lr_drop_at else rate
 
 
-def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float) -> float:
-    """The factor on a step's weighted saturation cost: 1, or with `saturation_share` at most
-    share x ce / saturation, so the cost stays within that share of the cross-entropy. With a
-    fixed weight the cost outgrows the cross-entropy once the training lengths are right, and
-    keeps the gates from saturating, which long tapes need to hold their values."""
-    if not cfg.saturation_share or saturation <= 0:
+def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float, step: int) -> float:
+    """The factor on a step's weighted saturation cost: 1, or with `saturation_share` (from step
+    `saturation_share_at` on) at most share x ce / saturation, so the cost stays within that
+    share of the cross-entropy. With a fixed weight the cost outgrows the cross-entropy once the
+    training lengths are right, and keeps the gates from saturating, which long tapes need to
+    hold their values; from the first step, the share stalled the fit (docs/experiments.md)."""
+    if not cfg.saturation_share or step < cfg.saturation_share_at or saturation <= 0:
         return 1.0
     return min(1.0, cfg.saturation_share * ce / saturation)
 
@@ -96,7 +97,7 @@ class AlgorithmicTask:
             group["lr"] = learning_rate(c, step)
         src, tgt = batch
         out = model(src, tgt)
-        scale = saturation_scale(c, float(out.ce.detach()), float(out.saturation.detach()))
+        scale = saturation_scale(c, float(out.ce.detach()), float(out.saturation.detach()), step)
         optimizer.zero_grad()
         (out.loss - (1 - scale) * out.saturation).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
