@@ -53,10 +53,10 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     train_seconds = time.time() - started
     trained = checkpoints.load(store, checkpoints.latest(store))
     # the model to test: the best at the validation length (fresh instances the test never draws), else the last
-    steps = {int(e["step"]) for e in trained["evals"]}
-    chosen = select_checkpoint(trained["evals"], {s for s in steps if checkpoints.at_step(store, s)},
-                               cfg.validation_length)
-    checkpoint = checkpoints.at_step(store, chosen) if chosen is not None else checkpoints.latest(store)
+    saved = {step: name for step in {int(e["step"]) for e in trained["evals"]}
+             if (name := checkpoints.at_step(store, step))}
+    chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
+    checkpoint = saved[chosen] if chosen is not None else checkpoints.latest(store)
     model, _ = load_trained(store.uri, checkpoint)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}

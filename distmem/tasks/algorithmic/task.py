@@ -97,7 +97,8 @@ class AlgorithmicTask:
             group["lr"] = learning_rate(c, step)
         src, tgt = batch
         out = model(src, tgt)
-        scale = saturation_scale(c, float(out.ce.detach()), float(out.saturation.detach()), step)
+        ce, saturation = float(out.ce.detach()), float(out.saturation.detach())
+        scale = saturation_scale(c, ce, saturation, step)
         optimizer.zero_grad()
         (out.loss - (1 - scale) * out.saturation).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
@@ -108,7 +109,7 @@ class AlgorithmicTask:
                     p.grad.add_(torch.randn_like(p.grad) * std)
         optimizer.step()
         right = out.logits.argmax(-1) == tgt
-        return {"ce": float(out.ce.detach()), "saturation": scale * float(out.saturation.detach()),
+        return {"ce": ce, "saturation": scale * saturation,
                 "accuracy": float(right.float().mean()),
                 "sequence_accuracy": float(right.all(1).float().mean()), "length": float(src.shape[1]),
                 "grad_norm": float(norm)}
