@@ -50,8 +50,9 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     follow(store, cfg.steps, f"training the Neural GPU on {cfg.task}",
            lambda: fit(AlgorithmicTask(cfg), store, args.address, max_failures=args.max_failures),
            postfix=lambda s: {"ce": f"{s['ce']:.3f}", "len": int(s["length"]), "seq": f"{s['sequence_accuracy']:.2f}"})
-    train_seconds = time.time() - started
     trained = checkpoints.load(store, checkpoints.latest(store))
+    # the workers' training time over every --resume (this process's time counts only its own part)
+    train_seconds = float(trained.get("seconds", time.time() - started))
     # the model to test: the best at the validation length (fresh instances the test never draws), else the last
     saved = {step: name for step in {int(e["step"]) for e in trained["evals"]}
              if (name := checkpoints.at_step(store, step))}
@@ -68,7 +69,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     metrics = {"preset": cfg.preset, "task": cfg.task, "config": vars(cfg), "steps": cfg.steps,
                "sequence_accuracy": accuracy, "test_instances": cfg.test_instances, "test_seconds": seconds,
                "longest_perfect_length": max(perfect) if perfect else None, "checkpoint": checkpoint,
-               "wall_seconds": time.time() - started, "train_seconds": train_seconds,
+               "wall_seconds": time.time() - started, "train_seconds": train_seconds, "resumed": bool(args.resume),
                "curve": trained["curve"], "evals": trained["evals"]}
     store.write_text("metrics.json", json.dumps(metrics, indent=1, default=list))
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +81,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
           f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
     for length in sorted(accuracy):
         print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s)")
-    print(f"\nwall time {metrics['wall_seconds']:.0f} s (training {train_seconds:.0f} s); metrics.json and "
+    print(f"\nwall time {metrics['wall_seconds']:.0f} s{' (this resumed part)' if args.resume else ''}; training "
+          f"{train_seconds:.0f} s; metrics.json and "
           f"generalisation.png in {store.uri}")
     return metrics
 

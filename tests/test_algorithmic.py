@@ -225,3 +225,8 @@ def test_quick_preset_end_to_end(tmp_path):
     default, chosen = (load_trained(str(run), c)[0].state_dict() for c in (None, metrics["checkpoint"]))
     assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model
     assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout
+    # a --resume that trains further reports the training time of the whole run, not only its part
+    run_job("jobs.neural_gpu", "--resume", str(run), "--steps", "30")
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["resumed"] and not metrics["resumed"] and resumed["curve"][-1]["step"] == 30
+    assert resumed["train_seconds"] > metrics["train_seconds"] > 0

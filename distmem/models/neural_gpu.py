@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class NeuralGPUConfig:
     gate_bias: float = 1.0    # initial bias of the CGRU gates: > 0 starts by keeping the state
     # the step's cell: "cgru" (Kaiser & Sutskever) or "dcgru", Freivalds & Liepins' diagonal CGRU
     # with hard gates (the improved Neural GPU; see DCGRU)
-    cell: str = "cgru"
+    cell: Literal["cgru", "dcgru"] = "cgru"
     saturation: float = 0.0   # dcgru: weight of the saturation cost added to the loss (0: none)
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
