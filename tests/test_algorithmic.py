@@ -100,6 +100,24 @@ def test_the_curriculum_grows_to_its_longest_and_draws_within_bounds():
         Curriculum(start=30, longest=20)
 
 
+def test_shared_length_gives_every_trainer_the_steps_length_and_its_own_instances():
+    def lengths_and_batches(shared: bool, rank: int):
+        cfg = AlgorithmicRunConfig(task="badd", nmaps=8, batch_size=4, max_length=20, curriculum_start=20,
+                                   shared_length=shared)
+        it = AlgorithmicTask(cfg).batches(rank, 2, 100)
+        return [next(it) for _ in range(30)]
+    for shared in (False, True):
+        ranks = [lengths_and_batches(shared, rank) for rank in (0, 1)]
+        lengths = [[src.shape[1] for src, _ in batches] for batches in ranks]
+        assert (lengths[0] == lengths[1]) == shared  # 30 independent draws of 3..20 never all agree
+        assert not any(torch.equal(a[0], b[0]) for a, b in zip(*ranks) if a[0].shape == b[0].shape)
+    # the shared length comes from (seed, step); rank 0's instances stay those of (seed, 0, step)
+    full = Curriculum(start=20, longest=20)
+    assert lengths[0] == [full.length_at(s, np.random.default_rng([0, s])) for s in range(100, 130)]
+    src = batch("badd", lengths[0][0], 4, np.random.default_rng([0, 0, 100]))[0]
+    assert torch.equal(ranks[0][0][0], torch.from_numpy(src))
+
+
 @pytest.mark.parametrize("cell", ["cgru", "dcgru"])
 def test_the_task_resumed_equals_uninterrupted(tmp_path, cell):
     """Also with the dcgru's saturation cost, the annealed learning rate and the validation length."""

@@ -44,6 +44,9 @@ class AlgorithmicRunConfig:
     curriculum_start: int = option(3, "curriculum: the longest training length at step 0")
     curriculum_every: int = option(200, "curriculum: steps between growths of the longest length by one")
     max_length: int = option(20, "the longest training length (the curriculum's end)")
+    shared_length: bool = option(
+        False, "every trainer draws a step's length from one generator (seed, step), so none waits at the "
+               "gradient's all-reduce for another's longer batch (off: each its own, the measured presets)")
     test_lengths: tuple[int, ...] = option((20, 50, 100, 200, 400), "lengths of the generalisation test")
     test_instances: int = option(1024, "fresh instances per test length")
     eval_every: int = option(500, "steps between points of the accuracy curve (at the longest training length)")

@@ -80,12 +80,14 @@ class AlgorithmicTask:
         return model, torch.optim.Adam(model.parameters(), lr=self.config.lr)
 
     def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Step s: a batch of one length drawn by the curriculum, from a generator seeded by (seed, rank, s)."""
+        """Step s: a batch of one length drawn by the curriculum, from a generator seeded by (seed, rank, s);
+        with `shared_length` the length comes from (seed, s), the same for every trainer."""
         c, curriculum = self.config, self.config.curriculum()
         step = start
         while True:
             rng = np.random.default_rng([c.seed, rank, step])
-            src, tgt = batch(c.task, curriculum.length_at(step, rng), c.batch_size, rng, c.symbols)
+            length = curriculum.length_at(step, np.random.default_rng([c.seed, step]) if c.shared_length else rng)
+            src, tgt = batch(c.task, length, c.batch_size, rng, c.symbols)
             yield torch.from_numpy(src), torch.from_numpy(tgt)
             step += 1
 
