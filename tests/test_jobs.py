@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from jobs import bench_memory, bench_sharded
+from jobs import bench_algorithmic, bench_memory, bench_sharded
 
 
 def test_bench_memory_runs_and_reports_ratios(tmp_path):
@@ -49,3 +49,12 @@ def test_bench_sharded_runs_and_counts_bytes(ray_local):
     two = out["runs"]["ShardedMemory x2"]
     # per shard: 64 x 8 candidates (ids, values int64; sims float32) plus 4 keys per query, at least
     assert two["read_bytes"] >= 2 * (64 * 8 * 20 + 4 * 64 * 16 * 4)
+
+
+@pytest.mark.slow  # two short Ray Train runs
+def test_bench_algorithmic_times_both_length_draws(ray_local, tmp_path):
+    out = bench_algorithmic.main(["--preset", "quick", "--steps", "100", "--rounds", "1",
+                                  "--out", str(tmp_path / "bench.json")])
+    own, shared = out["steps_per_second"]["own"][0], out["steps_per_second"]["shared"][0]
+    assert own > 0 and shared > 0 and out["speedup_shared_length"] == pytest.approx(shared / own)
+    assert json.loads((tmp_path / "bench.json").read_text()) == out
