@@ -6,22 +6,23 @@ trainers (`--shared-length on`), side by side.
     python -m jobs.bench_algorithmic --steps 300 --rounds 1 --task rev
 
 Each round runs both configurations one after the other for `--steps` steps with the curriculum
-already at its longest length (lengths 3..20 drawn uniformly, as in most of a run). A rate is
+already at its longest length (lengths drawn uniformly up to it, as in most of a run). A rate is
 taken between the first and the last training-curve point (Ray's start-up is left out); the
-ratio is the median of the rounds' ratios, so slow drift of the machine cancels.
+ratio is the median of the rounds' ratios, so slow drift of the machine cancels. `--out FILE`
+writes the figures as JSON, `--storage DIR|URI` into a run folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 
 from distmem import checkpoints
 from distmem.runs import RunStore
 from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask
+from jobs.bench_memory import write_results
 
 
 def steps_per_second(cfg: AlgorithmicRunConfig, folder: str) -> float:
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=500, help="steps per configuration per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.add_argument("--storage", default=None, help="a folder or URI: results.json in a new run folder there")
     args = p.parse_args(argv)
     if args.steps < 100 or args.rounds < 1 or args.workers < 1:
         p.error("--steps: expected >= 100; --rounds, --workers: expected >= 1")
@@ -60,12 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = statistics.median(s / o for s, o in zip(rates["shared"], rates["own"]))
     result = {"preset": args.preset, "task": args.task, "workers": args.workers, "steps": args.steps,
               "steps_per_second": rates, "speedup_shared_length": ratio}
-    print(f"\n{args.task}, preset {args.preset}, {args.workers} trainers, lengths 3..{base.max_length}: "
+    lengths = f"{base.curriculum().shortest}..{base.max_length}"
+    print(f"\n{args.task}, preset {args.preset}, {args.workers} trainers, lengths {lengths}: "
           f"{statistics.median(rates['own']):.2f} steps/s with a length per trainer, "
           f"{statistics.median(rates['shared']):.2f} with one shared length: {ratio:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(args, "bench-algorithmic", result)
     return result
 
 
