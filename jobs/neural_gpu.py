@@ -57,8 +57,9 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     saved = {step: name for step in {int(e["step"]) for e in trained["evals"]}
              if (name := checkpoints.at_step(store, step))}
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
-    checkpoint = saved[chosen] if chosen is not None else checkpoints.latest(store)
-    model, _ = load_trained(store.uri, checkpoint)
+    checkpoint = saved[chosen[0]] if chosen is not None else checkpoints.latest(store)
+    averaged = chosen is not None and chosen[1]
+    model, _ = load_trained(store.uri, checkpoint, averaged)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}
     for length in tqdm(sorted(cfg.test_lengths), desc="generalisation test", unit="length"):
@@ -69,7 +70,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     metrics = {"preset": cfg.preset, "task": cfg.task, "config": vars(cfg), "steps": cfg.steps,
                "sequence_accuracy": accuracy, "test_instances": cfg.test_instances, "test_seconds": seconds,
                "longest_perfect_length": max(perfect) if perfect else None, "checkpoint": checkpoint,
-               "wall_seconds": time.time() - started, "train_seconds": train_seconds, "resumed": bool(args.resume),
+               "averaged": averaged, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
+               "resumed": bool(args.resume),
                "curve": trained["curve"], "evals": trained["evals"]}
     store.write_text("metrics.json", json.dumps(metrics, indent=1, default=list))
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +79,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
                             f"Neural GPU, {cfg.task}: {cfg.steps} steps", cfg.max_length)
         store.upload(Path(tmp) / "generalisation.png", "generalisation.png")
     print(f"\n{cfg.task}: sequence accuracy on {cfg.test_instances} fresh instances per length "
-          f"(trained on lengths <= {cfg.max_length}; {checkpoint}"
+          f"(trained on lengths <= {cfg.max_length}; {checkpoint}{' (its weights average)' if averaged else ''}"
           f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
     for length in sorted(accuracy):
         print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s)")

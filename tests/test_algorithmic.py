@@ -26,7 +26,15 @@ from distmem.tasks.algorithmic.data import (
     solve,
     vocabulary,
 )
-from distmem.tasks.algorithmic.task import answer, learning_rate, load_trained, saturation_scale, select_checkpoint
+from distmem.tasks.algorithmic.task import (
+    answer,
+    averaged_model,
+    averaged_state,
+    learning_rate,
+    load_trained,
+    saturation_scale,
+    select_checkpoint,
+)
 
 from conftest import run_job
 
@@ -120,15 +128,18 @@ def test_shared_length_gives_every_trainer_the_steps_length_and_its_own_instance
 
 @pytest.mark.parametrize("cell", ["cgru", "dcgru"])
 def test_the_task_resumed_equals_uninterrupted(tmp_path, cell):
-    """Also with the dcgru's saturation cost, the annealed learning rate and the validation length."""
-    extra = dict(cell="dcgru", saturation=1e-3, saturation_share=0.01, lr_end=1e-4,
-                 validation_length=9) if cell == "dcgru" else {}
+    """Also with the dcgru's saturation cost, the annealed learning rate, the validation length (from
+    step 4) and the weights' moving average (from step 1, saved in the optimizer's state)."""
+    extra = dict(cell="dcgru", saturation=1e-3, saturation_share=0.01, lr_end=1e-4, validation_length=9,
+                 validation_from=4, ema_from=1, ema_decay=0.5) if cell == "dcgru" else {}
     cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=4, batch_size=4, curriculum_every=1,
                                max_length=7, eval_every=2, eval_instances=8, log_every=1, checkpoint_every=2,
                                grad_noise=0.01, **extra)
     saved = assert_resume_equals_uninterrupted(lambda: AlgorithmicTask(cfg), tmp_path)
     assert [e["step"] for e in saved["evals"]] == [2, 4]
-    assert all(("validation_accuracy" in e) == (cell == "dcgru") for e in saved["evals"])
+    assert [("validation_accuracy" in e, "ema_validation_accuracy" in e) for e in saved["evals"]] == (
+        [(False, False), (True, True)] if cell == "dcgru" else [(False, False)] * 2)
+    assert all(("ema_sequence_accuracy" in e) == (cell == "dcgru") for e in saved["evals"])
     assert [c["length"] for c in saved["curve"]] == [  # the curriculum's draws, replayed from the seeds
         Curriculum(3, 7, 1).length_at(s, np.random.default_rng([0, 0, s])) for s in range(4)]
 
@@ -186,15 +197,56 @@ def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
     evals = [{"step": 2, "validation_accuracy": 10.0}, {"step": 4, "validation_accuracy": 90.0},
              {"step": 6, "validation_accuracy": 40.0}, {"step": 8, "validation_accuracy": 90.0},
              {"step": 9, "validation_accuracy": 95.0}]
-    assert select_checkpoint(evals, {2, 4, 6, 8, 9}, 50) == 9
-    assert select_checkpoint(evals, {2, 4, 6, 8}, 50) == 8        # a tie: the later one; step 9 has no checkpoint
-    assert select_checkpoint(evals, {2, 4, 6}, 50) == 4
+    assert select_checkpoint(evals, {2, 4, 6, 8, 9}, 50) == (9, False)
+    assert select_checkpoint(evals, {2, 4, 6, 8}, 50) == (8, False)  # a tie: the later; step 9 has no checkpoint
+    assert select_checkpoint(evals, {2, 4, 6}, 50) == (4, False)
     assert select_checkpoint(evals, set(), 50) is None
     assert select_checkpoint([{"step": 2, "sequence_accuracy": 50.0}], {2}, 50) is None  # no validation length
     resumed = [{**e, "validation_length": 50.0} for e in evals[:3]] + [  # a resume moved it to 100
         {"step": 8, "validation_accuracy": 20.0, "validation_length": 100.0}]
-    assert select_checkpoint(resumed, {2, 4, 6, 8}, 100) == 8
-    assert select_checkpoint(resumed, {2, 4, 6, 8}, 50) == 4
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 100) == (8, False)
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 50) == (4, False)
+    # with the weights' average: it competes with the weights; on a tie the later step, then the average
+    averaged = [{"step": 2, "validation_accuracy": 60.0, "ema_validation_accuracy": 70.0},
+                {"step": 4, "validation_accuracy": 50.0, "ema_validation_accuracy": 40.0},
+                {"step": 6, "validation_accuracy": 70.0, "ema_validation_accuracy": 70.0}]
+    assert select_checkpoint(averaged, {2, 4, 6}, 50) == (6, True)
+    assert select_checkpoint(averaged, {2, 4}, 50) == (2, True)
+    assert select_checkpoint(averaged[1:2], {4}, 50) == (4, False)
+
+
+def test_the_weights_average_is_the_hand_computed_moving_average(tmp_path):
+    """From step ema_from on, avg = decay x avg + (1 - decay) x weights after each step; the
+    weights themselves the first time; the model trains on the weights, not the average."""
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", steps=10, ema_from=2, ema_decay=0.75)
+    task = AlgorithmicTask(cfg)
+    model, optimizer = task.build()
+    weights = []
+    for step in range(5):
+        task.train_step(model, None, next(task.batches(0, 1, step)), optimizer, step)
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        if step < 2:
+            assert averaged_model(model, optimizer) is None and averaged_state(model, optimizer.state_dict()) is None
+    averaged = averaged_model(model, optimizer)
+    for name, p in averaged.named_parameters():
+        want = weights[2][name]
+        for step in (3, 4):
+            want = 0.75 * want + 0.25 * weights[step][name]
+        torch.testing.assert_close(p, want)
+        assert not torch.equal(p, dict(model.named_parameters())[name])  # the model keeps its own weights
+    saved = averaged_state(model, optimizer.state_dict())  # as a checkpoint holds it
+    assert all(torch.equal(saved[k], v) for k, v in averaged.state_dict().items())
+    scores = task.evaluate(model)
+    assert {"sequence_accuracy", "ema_sequence_accuracy"} <= set(scores) and "validation_accuracy" not in scores
+    from distmem.runs import RunStore
+    from distmem.training import fit_local
+    fit_local(AlgorithmicTask(dataclasses.replace(cfg, steps=1, ema_from=0, eval_every=0)), RunStore(tmp_path))
+    with pytest.raises(ValueError, match="no moving average"):
+        load_trained(str(tmp_path), "checkpoints/step-0000001", averaged=True)
+    with pytest.raises(ValueError, match="--ema-decay"):
+        AlgorithmicRunConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="--ema-from"):
+        AlgorithmicRunConfig(ema_from=-1)
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +255,8 @@ def trained_run(tmp_path_factory):
     from distmem.runs import RunStore
     from distmem.training import fit_local
     run = tmp_path_factory.mktemp("ngpu")
-    cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=2, batch_size=4, max_length=7,
-                               eval_every=0, checkpoint_every=2)
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=8, workers=1, steps=3, batch_size=4, max_length=7,
+                               eval_every=0, checkpoint_every=3, ema_from=1, ema_decay=0.5)
     fit_local(AlgorithmicTask(cfg), RunStore(run))
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     return run
@@ -220,6 +272,13 @@ def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_p
     assert len(answers) == 3 and all(set(a) <= {"0", "1"} and (a == "0" or a[0] == "1") for a in answers)
     model, cfg = load_trained(str(trained_run))
     assert answers == answer(model, cfg, ["1011+110", "1+1", "111111111111111111111111111111+1"])
+    averaged, _ = load_trained(str(trained_run), "checkpoints/step-0000003", averaged=True)  # its weights' average
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), averaged.parameters()))
+    (trained_run / "metrics.json").write_text(json.dumps({"checkpoint": "checkpoints/step-0000003",
+                                                          "averaged": True}))  # as the job records its test's
+    tested, _ = load_trained(str(trained_run))
+    assert all(torch.equal(p, q) for p, q in zip(averaged.parameters(), tested.parameters()))
+    (trained_run / "metrics.json").unlink()
     (tmp_path / "bad.txt").write_text("1011+110\n10x1+1\n")
     out = subprocess.run([sys.executable, "-m", "jobs.neural_gpu_answer", str(trained_run), "--input",
                           str(tmp_path / "bad.txt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -240,6 +299,7 @@ def test_quick_preset_end_to_end(tmp_path):
     assert [e["step"] for e in metrics["evals"]] == [10, 20] and metrics["curve"][-1]["step"] == 20
     best = max(metrics["evals"], key=lambda e: (e["validation_accuracy"], e["step"]))
     assert metrics["checkpoint"] == f"checkpoints/step-{best['step']:07d}"  # the test's model: the best at length 12
+    assert metrics["averaged"] is False  # the quick preset keeps no average of the weights
     default, chosen = (load_trained(str(run), c)[0].state_dict() for c in (None, metrics["checkpoint"]))
     assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model
     assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout

@@ -38,6 +38,9 @@ class AlgorithmicRunConfig:
     lr_end: float = option(0.0, "cosine-anneal the learning rate from --lr to this at the last step (0: keep --lr)")
     lr_drop_at: int = option(0, "multiply the learning rate by --lr-drop from this step on (0: never)")
     lr_drop: float = option(0.1, "the factor --lr-drop-at applies")
+    ema_from: int = option(0, "keep an exponential moving average of the weights from this step on (0: none): "
+                                  "every eval scores it beside the weights; the test takes whichever validated best")
+    ema_decay: float = option(0.999, "the average's decay per step (its horizon: about 1 / (1 - decay) steps)")
     clip_norm: float = option(1.0, "gradient-norm clipping")
     dropout: float = option(0.0, "dropout on the tape before every step (dcgru: on the cell's candidate)")
     grad_noise: float = option(0.0, "gradient noise: N(0, eta / (1 + step)^0.55) added to every gradient (eta)")
@@ -53,6 +56,8 @@ class AlgorithmicRunConfig:
     eval_instances: int = option(256, "instances per point of the accuracy curve")
     validation_length: int = option(0, "also score this longer length at every eval (0: none), on instances the "
                                        "test never sees; the test then takes the checkpoint that scored best")
+    validation_from: int = option(0, "score --validation-length only at evals from this step on (long lengths "
+                                     "cost: one eval at 200 takes about 30 s on one core)")
     log_every: int = option(50, "steps between points of the training curve")
     checkpoint_every: int = option(500, "steps between checkpoints")
     seed: int = option(0, "seed of the instances, the initialisation and the noise")
@@ -62,8 +67,11 @@ class AlgorithmicRunConfig:
                                          "log_every", "checkpoint_every", "curriculum_every"),
                      non_negative=("cpus_per_worker", "threads", "nmaps", "height", "eval_every", "grad_noise",
                                    "saturation", "saturation_share", "lr_end",
-                                   "validation_length", "lr_drop_at", "saturation_share_at"),
+                                   "validation_length", "lr_drop_at", "saturation_share_at", "ema_from",
+                                   "validation_from"),
                      positive_finite=("lr", "lr_drop"))
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay: expected a number in (0, 1), got {self.ema_decay!r}")
         vocabulary(self.task, self.symbols)
         self.curriculum()
         if not self.test_lengths or min(self.test_lengths) < 3:

@@ -3,6 +3,7 @@ none) on seeded random instances under the length curriculum, and their sequence
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -54,12 +55,52 @@ def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float, st
     return min(1.0, cfg.saturation_share * ce / saturation)
 
 
+AVERAGE = "ema"  # a weight's moving average, kept in the optimizer's state: saved and resumed with Adam's moments
+
+
+@torch.no_grad()
+def update_average(optimizer: torch.optim.Optimizer, decay: float) -> None:
+    """avg <- decay * avg + (1 - decay) * weight for every parameter (the weight itself the first time)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if AVERAGE in state:
+                state[AVERAGE].lerp_(p, 1 - decay)
+            else:
+                state[AVERAGE] = p.detach().clone()
+
+
+@torch.no_grad()
+def averaged_model(model: NeuralGPU, optimizer: torch.optim.Optimizer) -> NeuralGPU | None:
+    """A copy of `model` holding the optimizer's averaged weights; None before the average starts."""
+    params = list(model.parameters())
+    if not all(AVERAGE in optimizer.state.get(p, {}) for p in params):
+        return None
+    averaged = copy.deepcopy(model)
+    for p, q in zip(params, averaged.parameters(), strict=True):
+        q.copy_(optimizer.state[p][AVERAGE])
+    return averaged
+
+
+def averaged_state(model: NeuralGPU, optimizer_state: dict) -> dict[str, torch.Tensor] | None:
+    """`model`'s state dict with its parameters replaced by the averages of a saved optimizer state
+    (its parameter ids follow `model.parameters()`); None when the checkpoint has no average."""
+    ids = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    names = [name for name, _ in model.named_parameters()]
+    saved = optimizer_state["state"]
+    if len(ids) != len(names) or not all(AVERAGE in saved.get(i, {}) for i in ids):
+        return None
+    return {**model.state_dict(), **{name: saved[i][AVERAGE] for name, i in zip(names, ids, strict=True)}}
+
+
 class AlgorithmicTask:
     """cfg: the run config (its task, model and curriculum)."""
 
     def __init__(self, cfg: AlgorithmicRunConfig) -> None:
         self.config = cfg
         self.name = f"neural-gpu-{cfg.task}"
+        self.optimizer: torch.optim.Optimizer | None = None  # build()'s, whose state holds the weights' average
+        self.done = 0  # steps taken (the next eval's step)
 
     def schedule(self) -> Schedule:
         c = self.config
@@ -77,7 +118,8 @@ class AlgorithmicTask:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
         model = NeuralGPU(self.config.model_config())
-        return model, torch.optim.Adam(model.parameters(), lr=self.config.lr)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
+        return model, self.optimizer
 
     def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Step s: a batch of one length drawn by the curriculum, from a generator seeded by (seed, rank, s);
@@ -110,6 +152,9 @@ class AlgorithmicTask:
                 if p.grad is not None:
                     p.grad.add_(torch.randn_like(p.grad) * std)
         optimizer.step()
+        if c.ema_from and step >= c.ema_from:
+            update_average(optimizer, c.ema_decay)
+        self.done = step + 1
         right = out.logits.argmax(-1) == tgt
         return {"ce": ce, "saturation": scale * saturation,
                 "accuracy": float(right.float().mean()),
@@ -117,36 +162,48 @@ class AlgorithmicTask:
                 "grad_norm": float(norm)}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Sequence accuracy (%) at the longest training length, and at `validation_length` if set, on
-        the same fresh instances each time (seed + 1; the generalisation test draws from seed + 2)."""
+        """Sequence accuracy (%) at the longest training length, and at `validation_length` if set (from
+        step `validation_from`), on the same fresh instances each time (seed + 1; the generalisation
+        test draws from seed + 2); the same for the weights' average ("ema_" keys) once it runs."""
         net = getattr(model, "module", model)
         c = self.config
-        scores = {"sequence_accuracy": sequence_accuracy(net, c, c.max_length, c.eval_instances, seed=c.seed + 1)}
-        if c.validation_length:
-            scores["validation_accuracy"] = sequence_accuracy(net, c, c.validation_length, c.eval_instances,
-                                                              seed=c.seed + 1)
-            scores["validation_length"] = float(c.validation_length)
+        scores: dict[str, float] = {}
+        averaged = averaged_model(net, self.optimizer) if self.optimizer is not None else None
+        for prefix, scored in (("", net), ("ema_", averaged)):
+            if scored is None:
+                continue
+            scores[f"{prefix}sequence_accuracy"] = sequence_accuracy(scored, c, c.max_length, c.eval_instances,
+                                                                     seed=c.seed + 1)
+            if c.validation_length and self.done >= c.validation_from:
+                scores[f"{prefix}validation_accuracy"] = sequence_accuracy(scored, c, c.validation_length,
+                                                                           c.eval_instances, seed=c.seed + 1)
+                scores["validation_length"] = float(c.validation_length)
         return scores
 
     def summary(self) -> dict[str, Any]:
         return {}
 
 
-def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int) -> int | None:
-    """The step whose model to test: of the evals at a `saved` (checkpointed) step that scored the
-    validation `length` (a resume may have changed it), the best validation accuracy, the later
-    step on a tie; None without such scores."""
-    scored = [e for e in evals if "validation_accuracy" in e and int(e["step"]) in saved
-              and e.get("validation_length", length) == length]
+def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int) -> tuple[int, bool] | None:
+    """The model to test, as (step, averaged): of the evals at a `saved` (checkpointed) step that
+    scored the validation `length` (a resume may have changed it), the best validation accuracy of
+    the weights or of their average; on a tie the later step, then the average (the steadier);
+    None without such scores."""
+    scored = [(e[f"{prefix}validation_accuracy"], int(e["step"]), prefix == "ema_")
+              for e in evals if int(e["step"]) in saved and e.get("validation_length", length) == length
+              for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
     if not scored:
         return None
-    return int(max(scored, key=lambda e: (e["validation_accuracy"], e["step"]))["step"])
+    _, step, averaged = max(scored)
+    return step, averaged
 
 
-def load_trained(run: str, checkpoint: str | None = None) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
+def load_trained(run: str, checkpoint: str | None = None,
+                 averaged: bool = False) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
     """The model of a `jobs.neural_gpu` run folder (path or URI) and its config: the checkpoint
-    given ("checkpoints/step-0002000"), else the one its test chose (metrics.json), else the latest.
-    A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
+    given ("checkpoints/step-0002000"; `averaged`: its weights' moving average), else the one its
+    test chose (metrics.json), else the latest. A checkpoint that would run code when unpickled
+    is refused (`CheckpointError`)."""
     import json  # noqa: PLC0415
 
     from distmem import checkpoints  # noqa: PLC0415
@@ -155,7 +212,8 @@ def load_trained(run: str, checkpoint: str | None = None) -> tuple[NeuralGPU, Al
 
     store = RunStore(str(run))
     if checkpoint is None and store.exists("metrics.json"):
-        checkpoint = json.loads(store.read_text("metrics.json")).get("checkpoint")
+        tested = json.loads(store.read_text("metrics.json"))
+        checkpoint, averaged = tested.get("checkpoint"), bool(tested.get("averaged", False))
     checkpoint = checkpoint or checkpoints.latest(store)
     if checkpoint is None:
         raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
@@ -163,6 +221,11 @@ def load_trained(run: str, checkpoint: str | None = None) -> tuple[NeuralGPU, Al
     cfg = from_dict(AlgorithmicRunConfig, payload["config"])
     model = NeuralGPU(cfg.model_config())
     model.load_state_dict(payload["model"])
+    if averaged:
+        state = averaged_state(model, payload["optimizer"])
+        if state is None:
+            raise ValueError(f"{run}: {checkpoint} holds no moving average of the weights (run with --ema-from)")
+        model.load_state_dict(state)
     return model.eval(), cfg
 
 
