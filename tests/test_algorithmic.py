@@ -297,10 +297,13 @@ def test_quick_preset_end_to_end(tmp_path):
     assert sorted(map(int, metrics["sequence_accuracy"])) == [8, 16]
     assert all(0 <= a <= 100 for a in metrics["sequence_accuracy"].values())
     assert [e["step"] for e in metrics["evals"]] == [10, 20] and metrics["curve"][-1]["step"] == 20
-    best = max(metrics["evals"], key=lambda e: (e["validation_accuracy"], e["step"]))
-    assert metrics["checkpoint"] == f"checkpoints/step-{best['step']:07d}"  # the test's model: the best at length 12
-    assert metrics["averaged"] is False  # the quick preset keeps no average of the weights
-    default, chosen = (load_trained(str(run), c)[0].state_dict() for c in (None, metrics["checkpoint"]))
+    assert all("ema_validation_accuracy" in e for e in metrics["evals"][1:])  # the weights' average from step 5
+    _, step, averaged = max((e[f"{p}validation_accuracy"], e["step"], p == "ema_")
+                            for e in metrics["evals"] for p in ("", "ema_") if f"{p}validation_accuracy" in e)
+    # the test's model: the best at length 12, of the weights and their average
+    assert (metrics["checkpoint"], metrics["averaged"]) == (f"checkpoints/step-{step:07d}", averaged)
+    default, chosen = (load_trained(str(run), *c)[0].state_dict()
+                       for c in ((), (metrics["checkpoint"], metrics["averaged"])))
     assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model
     assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout
     # a --resume that trains further reports the training time of the whole run, not only its part
