@@ -33,6 +33,8 @@ def plot_generalisation(accuracy: dict[int, float], path: Path, title: str, trai
         ax.plot(lengths, [accuracy[n] for n in lengths], "o-", label="fresh instances")
         ax.axvline(trained_to, color="grey", linestyle=":", label=f"longest training length ({trained_to})")
         ax.set_xscale("log")
+        ax.set_xticks(lengths, [str(n) for n in lengths])  # the test's lengths, not log-scale minor labels
+        ax.minorticks_off()
         ax.set_ylim(-3, 103)
 
 
@@ -58,7 +60,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
              if (name := checkpoints.at_step(store, step))}
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
     checkpoint = saved[chosen[0]] if chosen is not None else checkpoints.latest(store)
-    averaged = chosen is not None and chosen[1]
+    tested_step, averaged = chosen if chosen is not None else (trained["step"], False)
     model, _ = load_trained(store.uri, checkpoint, averaged)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}
@@ -76,7 +78,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     store.write_text("metrics.json", json.dumps(metrics, indent=1, default=list))
     with tempfile.TemporaryDirectory() as tmp:
         plot_generalisation(accuracy, Path(tmp) / "generalisation.png",
-                            f"Neural GPU, {cfg.task}: {cfg.steps} steps", cfg.max_length)
+                            f"Neural GPU, {cfg.task}: {tested_step} steps"
+                            f"{', the weights average' if averaged else ''}", cfg.max_length)
         store.upload(Path(tmp) / "generalisation.png", "generalisation.png")
     print(f"\n{cfg.task}: sequence accuracy on {cfg.test_instances} fresh instances per length "
           f"(trained on lengths <= {cfg.max_length}; {checkpoint}{' (its weights average)' if averaged else ''}"
