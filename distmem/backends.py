@@ -30,8 +30,9 @@ class BackendUnavailableError(ImportError, ValueError):
 class KnnBackend(Protocol):
     name: str
 
-    def reset(self, keys: Tensor) -> None:
-        """The memory's key tensor [N, d] was replaced (cleared, loaded). Exact backends: nothing."""
+    def reset(self, keys: Tensor, rewritten: int = 0) -> None:
+        """The memory's key tensor [N, d] was replaced (cleared, loaded, re-encoded by a step that
+        rewrote `rewritten` rows). Exact backends: nothing."""
         ...
 
     def update(self, keys: Tensor, local: Tensor) -> None:
@@ -56,7 +57,7 @@ class _Stateless:
     def stats(self) -> dict:
         return {"name": self.name}
 
-    def reset(self, keys: Tensor) -> None:
+    def reset(self, keys: Tensor, rewritten: int = 0) -> None:
         pass
 
     def update(self, keys: Tensor, local: Tensor) -> None:

@@ -85,9 +85,11 @@ class IvfBackend:
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
 
     # -- keeping the index current -------------------------------------------------------------
-    def reset(self, keys: Tensor) -> None:
+    def reset(self, keys: Tensor, rewritten: int = 0) -> None:
         """The shard's keys were replaced: drop the index; train at once if the keys are mostly
-        written (a loaded memory), else after `train_after` writes."""
+        written (a loaded memory), else after `train_after` writes. `rewritten`: rows written by
+        the step that replaced them (an int8_dim re-fit), counted as writes."""
+        self.total_writes += rewritten
         self.index = None
         self.writes = int(self.codec.written(keys).sum())
         self._maybe_train(keys)

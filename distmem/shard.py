@@ -171,7 +171,7 @@ class MemoryShard:
         self.keys[local] = self.codec.encode(write.keys.to(self.device))
         if self.codec.wrote(local.numel()):  # int8_dim: new ranges re-encode every key: the index restarts
             self.codec.refit(self.keys)
-            self.backend.reset(self.keys)
+            self.backend.reset(self.keys, rewritten=local.numel())
         else:
             self.backend.update(self.keys, local)
         self.values[local] = write.values.to(self.device)
