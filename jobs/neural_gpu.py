@@ -59,8 +59,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     saved = {step: name for step in {int(e["step"]) for e in trained["evals"]}
              if (name := checkpoints.at_step(store, step))}
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
-    checkpoint = saved[chosen[0]] if chosen is not None else checkpoints.latest(store)
     tested_step, averaged = chosen if chosen is not None else (trained["step"], False)
+    checkpoint = saved[tested_step] if chosen is not None else checkpoints.latest(store)
     model, _ = load_trained(store.uri, checkpoint, averaged)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}

@@ -70,15 +70,13 @@ def update_average(optimizer: torch.optim.Optimizer, decay: float) -> None:
                 state[AVERAGE] = p.detach().clone()
 
 
-@torch.no_grad()
 def averaged_model(model: NeuralGPU, optimizer: torch.optim.Optimizer) -> NeuralGPU | None:
     """A copy of `model` holding the optimizer's averaged weights; None before the average starts."""
-    params = list(model.parameters())
-    if not all(AVERAGE in optimizer.state.get(p, {}) for p in params):
+    state = averaged_state(model, optimizer.state_dict())
+    if state is None:
         return None
     averaged = copy.deepcopy(model)
-    for p, q in zip(params, averaged.parameters(), strict=True):
-        q.copy_(optimizer.state[p][AVERAGE])
+    averaged.load_state_dict(state)
     return averaged
 
 
