@@ -2,7 +2,6 @@
 writers, crash recovery, checkpoints across shard counts, and errors."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from distmem import LocalMemory, MemoryConfig
 
 from conftest import state_equal, unit
+from sockets import LOOPBACK, descendants, listening
 
 CFG = MemoryConfig(size=120, key_dim=8, k=9, age_noise=0.0)
 
@@ -228,7 +228,8 @@ def test_unreachable_cluster_is_a_clear_error():
 
 def test_the_embedded_ray_lives_on_loopback_only(sharded_cls, ray_local):
     """connect() (as the jobs and this suite start Ray, after `import ray`): every node, actor and
-    listening socket of the local Ray on 127.0.0.1, not the host's outward address."""
+    listening socket of the local Ray (this process's and those below it) on 127.0.0.1, not the
+    host's outward address."""
     ray = ray_local
     mem = sharded_cls(CFG, 2)
     try:
@@ -236,13 +237,12 @@ def test_the_embedded_ray_lives_on_loopback_only(sharded_cls, ray_local):
         where = ray.get([shard.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())
                          for shard in mem.shards])
         assert where == ["127.0.0.1", "127.0.0.1"]
-        if shutil.which("ss") is None:
+        shard_pids = set(ray.get([shard.__ray_call__.remote(lambda self: os.getpid()) for shard in mem.shards]))
+        mine = listening(descendants(os.getpid()))
+        if mine is None:
             pytest.skip("no `ss` to list listening sockets")
-        lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-        mine = [line.split() for line in lines
-                if any(name in line for name in ('"raylet"', '"gcs_server"', '"ray::', f"pid={os.getpid()},"))]
-        local = {cols[3].rsplit(":", 1)[0] for cols in mine}
-        assert mine and local <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, local
+        assert shard_pids <= set(mine)  # the shards' own sockets are among those checked
+        assert set().union(*mine.values()) <= LOOPBACK, mine
     finally:
         mem.shutdown()
 

@@ -6,6 +6,7 @@ tests streams Parquet rows in a plain process and through Ray Data; the layering
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,6 +24,7 @@ from distmem.tasks.rare_symbols import RareSymbolRunConfig, RareSymbolsTask
 from distmem.training import fit_local, skip_rows
 
 from conftest import state_equal
+from sockets import LOOPBACK
 from toy_task import ToyConfig, ToyTask, write_rows
 
 ROOT = Path(__file__).parents[1]
@@ -151,7 +153,8 @@ def test_a_toy_task_streams_parquet_rows_and_resumes_exactly(tmp_path):
 def test_a_toy_task_on_ray_train_gets_disjoint_shares_of_the_rows_through_ray_data(ray_local, tmp_path):
     """2 Ray Train workers, 2 memory shards: each worker trains on its own Ray Data share of the
     Parquet rows, and an interrupted job resumes where its shares stopped: over both runs every
-    row of the epoch was trained on exactly once."""
+    row of the epoch was trained on exactly once. The workers listen on loopback only, rank 0's
+    rendezvous store included (torch's own listens on every interface)."""
     from distmem.distributed import fit
 
     paths = write_rows(tmp_path, files=2, rows=64)  # 128 rows: 2 workers x 8 rows x 8 steps
@@ -168,6 +171,10 @@ def test_a_toy_task_on_ray_train_gets_disjoint_shares_of_the_rows_through_ray_da
     seen = [[int(line) for line in (tmp_path / f"rank-{r}.txt").read_text().split()] for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 64
     assert sorted(seen[0] + seen[1]) == list(range(128))
+    listens = [json.loads((tmp_path / f"listening-{r}.json").read_text()) for r in (0, 1)]
+    if listens[0] is None:
+        pytest.skip("no `ss` to list listening sockets")
+    assert listens[0] and set(listens[0] + listens[1]) <= LOOPBACK, listens  # rank 0 serves the store
 
 
 def _imports(path: Path) -> set[str]:

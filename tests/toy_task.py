@@ -3,6 +3,8 @@ rows streamed from Parquet files. Adding it needed no change in distmem.distribu
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from distmem import MemoryConfig, MemoryLayer
 from distmem.training import MemorySpec, ParquetSource, Schedule
 
+from sockets import listening
+
 
 @dataclass(frozen=True)
 class ToyConfig:
@@ -26,7 +30,8 @@ class ToyConfig:
     shards: int = 1
     checkpoint_every: int = 2
     seed: int = 0
-    log_dir: str = ""  # each worker appends the ids of its rows to log_dir/rank-<r>.txt
+    log_dir: str = ""  # each worker appends the ids of its rows to log_dir/rank-<r>.txt, and writes where its
+    # process listens (TCP; during its first step, once the process group is up) to log_dir/listening-<r>.json
 
 
 def write_rows(folder, files: int = 2, rows: int = 40, dim: int = 6) -> tuple[str, ...]:
@@ -92,6 +97,10 @@ class ToyTask:
         if self.config.log_dir:
             with open(f"{self.config.log_dir}/rank-{self.rank}.txt", "a") as log:
                 log.write("".join(f"{int(i)}\n" for i in batch["id"]))
+            if step == 0:
+                found = listening({os.getpid()})
+                with open(f"{self.config.log_dir}/listening-{self.rank}.json", "w") as log:
+                    json.dump(None if found is None else sorted(set().union(*found.values())), log)
         model.train()
         x = torch.as_tensor(np.asarray(batch["x"], dtype=np.float32))
         read = memory.read(model(x), torch.as_tensor(batch["y"], dtype=torch.int64))

@@ -4,15 +4,17 @@ Ray replaces 127.0.0.1 as a node address by the host's outward address unless it
 switch is on, and it reads that switch (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`, as the constant
 `ray_constants.ENABLE_RAY_CLUSTER`) once, at import. distmem keeps every local Ray on loopback,
 so it has to set the constant after import; if a Ray upgrade removes it, these functions fail with
-a message saying so instead of silently listening on every interface.
+a message saying so instead of silently listening on every interface. For the same reason the
+trainers' rendezvous subclasses Ray Train's torch backend (`rendezvous.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import ray
 
@@ -58,3 +60,16 @@ def loopback_node_cli() -> None:
     _require(services, "get_node_ip_address")
     constants.ENABLE_RAY_CLUSTER = True
     services.get_node_ip_address = lambda address=None: "127.0.0.1"
+
+
+def torch_backend() -> tuple[type, Callable[[], None], Callable[[Any], bool]]:
+    """Ray Train's torch backend class (to subclass), its function that sets a worker's torch
+    variables (LOCAL_RANK, ...), and a test for a Ray Train v1 worker group (which sets them later)."""
+    from ray.train._internal import worker_group  # noqa: PLC0415
+    from ray.train.torch import config  # noqa: PLC0415
+
+    for module, attribute in ((config, "_TorchBackend"), (config, "_set_torch_distributed_env_vars"),
+                              (worker_group, "WorkerGroup")):
+        _require(module, attribute)
+    return (config._TorchBackend, config._set_torch_distributed_env_vars,
+            lambda group: isinstance(group, worker_group.WorkerGroup))

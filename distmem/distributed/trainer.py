@@ -1,5 +1,6 @@
 """One data-parallel trainer for every task: `fit(task, store)` runs `distmem.training.run_worker`
-on Ray Train workers (`TorchTrainer`; gloo on CPU, nccl on GPU).
+on Ray Train workers (`TorchTrainer`; gloo on CPU, nccl on GPU; the rendezvous on the node's address
+only, `rendezvous.py`).
 
 Where the task trains with a shared memory, the trainers are the writers of one life-long
 `ShardedMemory` (created here, restored from the run's latest checkpoint, attached by each worker
@@ -25,6 +26,7 @@ import ray.train.torch
 from distmem import checkpoints
 from distmem.distributed.cluster import connect
 from distmem.distributed.memory import ShardedMemory
+from distmem.distributed.rendezvous import BoundTorchConfig
 from distmem.runs import RunStore
 from distmem.training import Task, repeat_epochs, run_worker
 
@@ -97,7 +99,7 @@ def fit(task: Task, store: RunStore, address: str | None = None, memory_storage:
         trainer = ray.train.torch.TorchTrainer(
             _worker,
             train_loop_config={"task": task, "store": store.uri, "memory_name": memory.name if memory else None},
-            torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=schedule.workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             # Ray Train's own folder holds nothing of ours (checkpoints go to the run folder)
