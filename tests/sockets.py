@@ -22,8 +22,9 @@ def descendants(pid: int) -> set[int]:
         children.setdefault(ppid, []).append(int(entry))
     found, todo = set(), [pid]
     while todo:
-        found.add(todo[-1])
-        todo.extend(children.get(todo.pop(), []))
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
     return found
 
 

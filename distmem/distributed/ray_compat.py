@@ -14,7 +14,6 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
 
 import ray
 
@@ -62,14 +61,13 @@ def loopback_node_cli() -> None:
     services.get_node_ip_address = lambda address=None: "127.0.0.1"
 
 
-def torch_backend() -> tuple[type, Callable[[], None], Callable[[Any], bool]]:
+def torch_backend() -> tuple[type, Callable[[], None], type]:
     """Ray Train's torch backend class (to subclass), its function that sets a worker's torch
-    variables (LOCAL_RANK, ...), and a test for a Ray Train v1 worker group (which sets them later)."""
+    variables (LOCAL_RANK, ...), and Ray Train v1's worker group class (whose groups set them later)."""
     from ray.train._internal import worker_group  # noqa: PLC0415
     from ray.train.torch import config  # noqa: PLC0415
 
     for module, attribute in ((config, "_TorchBackend"), (config, "_set_torch_distributed_env_vars"),
                               (worker_group, "WorkerGroup")):
         _require(module, attribute)
-    return (config._TorchBackend, config._set_torch_distributed_env_vars,
-            lambda group: isinstance(group, worker_group.WorkerGroup))
+    return config._TorchBackend, config._set_torch_distributed_env_vars, worker_group.WorkerGroup

@@ -48,13 +48,13 @@ def _join(backend: str, world_rank: int, world: int, address: str, port: int, ti
     dist.init_process_group(backend, store=store, rank=world_rank, world_size=world, timeout=timeout)
 
 
-_TorchBackend, _set_torch_env, _is_v1_group = torch_backend()
+_TorchBackend, _set_torch_env, _V1WorkerGroup = torch_backend()
 
 
 class _BoundBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: BoundTorchConfig) -> None:
         address, port = worker_group.execute_single(0, _listen)
-        if not _is_v1_group(worker_group):  # Ray Train v2 sets LOCAL_RANK etc. here (v1: at training start)
+        if not isinstance(worker_group, _V1WorkerGroup):  # v2 sets LOCAL_RANK etc. here (v1: at training start)
             worker_group.execute(_set_torch_env)
         ray.get([worker_group.execute_single_async(rank, _join, backend=backend_config.backend, world_rank=rank,
                                                    world=len(worker_group), address=address, port=port,
