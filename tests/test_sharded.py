@@ -160,11 +160,15 @@ def test_a_restarted_writer_replaces_its_lost_request(sharded_cls, ray_local):
         local, _ = local_run([[stream[0][0], (q.flip(0), y.flip(0))]])
         assert state_equal(mem.state(), local.state())
         again = sharded_cls.attach("restart", 0)
+        alive = sharded_cls.attach("restart", 1)
+        alive.read(*stream[1][1])  # rank 1 beats again: the replacement's task (and heartbeat) ended,
+        # and the coordinator ends a step whose missing writer is silent for heartbeat_timeout_s
         request = _wire_request(mem, stream[1][0])
         waiting = mem._coordinator.write.remote(1, 0, request, again._writer)  # waits for rank 1
         with pytest.raises(ValueError, match="rank"):  # one handle still writes once per step
             ray.get(mem._coordinator.write.remote(1, 0, request, again._writer))
         ray.cancel(waiting)
+        del alive  # its heartbeat stops with the handle
     finally:
         mem.shutdown()
 
@@ -353,6 +357,9 @@ def test_a_checkpoint_through_a_uri_moves_only_what_each_process_needs(sharded_c
     mem = sharded_cls(cfg, 3)
     try:
         pids = [info["pid"] for info in mem.placement()]
+        # a first step first: the shards' first Arrow call imports pandas (pyarrow imports it lazily),
+        # whose files would count here as read
+        mem.step(unit(3, 16), torch.arange(3))
         before = [_bytes_read(pid) for pid in pids], _bytes_read(os.getpid())
         mem.load(f"file://{tmp_path / 'ckpt'}")
         shard_read = [_bytes_read(pid) - b for pid, b in zip(pids, before[0])]

@@ -5,8 +5,18 @@ cluster: joining a cluster or an embedded local Ray, shard placement. memory: `S
 ray_compat: the Ray internals this relies on.
 """
 
+from typing import Any
+
 from distmem.distributed.cluster import connect
 from distmem.distributed.memory import Coordinator, ShardActor, ShardedMemory, shard_ranges
-from distmem.distributed.trainer import fit
 
 __all__ = ["Coordinator", "ShardActor", "ShardedMemory", "connect", "fit", "shard_ranges"]
+
+
+def __getattr__(name: str) -> Any:
+    # `fit` on first use: Ray Train and Ray Data take about a second to import, which every shard
+    # and coordinator process (they import this package) would otherwise pay at its start
+    if name == "fit":
+        from distmem.distributed.trainer import fit  # noqa: PLC0415
+        return fit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

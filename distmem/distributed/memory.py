@@ -427,11 +427,17 @@ class ShardedMemory(MemoryBase):
                   .remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
                           str(root / f"shard-{i:04d}"), snapshot_every, threads)
                   for i, (lo, hi) in enumerate(ranges)]
-        ray.get([s.step.remote() for s in shards])  # surface construction errors here
+        # the coordinator's process starts beside the shards' (a named actor is registered when
+        # `.remote()` returns, so it finds them by name): each start imports torch, seconds apiece
         coordinator = ray.remote(Coordinator).options(
             name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=1000, **lifetime,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         ).remote(config, shard_names, ranges, num_writers, write_timeout_s, heartbeat_timeout_s)
+        try:
+            ray.get([s.step.remote() for s in shards])  # surface construction errors here
+        except BaseException:
+            ray.kill(coordinator, no_restart=True)
+            raise
         ray.get(coordinator.resync.remote())
         self._connect(name, coordinator, rank=0)
         self._owned = shards  # the creator's handles keep the (non-detached) shards alive
