@@ -15,7 +15,11 @@ current by the memory's in-place slot rewrites.
   sets nprobe: from the probe rank of each exact candidate's list it knows the fewest lists that
   would have met both targets on its queries, and probes `PROBE_MARGIN` times the most that any
   of the last `RECENT_CHECKS` checks needed (32 queries give a noisy figure, and the keys keep
-  drifting until the next check). nprobe may fall as well as rise.
+  drifting until the next check). nprobe may fall as well as rise. A (re-)training moves every
+  key to new lists, so the checks' figures no longer say what the next search needs: right after
+  it, the last search's first 32 queries are sized against the new lists the same way (recorded
+  in `stats()["sizings"]`, not as checks: no search used those probes), and that figure joins the
+  window.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
@@ -76,6 +80,7 @@ class IvfBackend:
         self.seed = config.seed
         self._exact = TorchExactBackend(config.chunk_size, codec=self.codec)
         self.check_every = config.ivf_check_every
+        self.k = config.k
         self.target_1, self.target_k = config.ivf_target_recall_at_1, config.ivf_target_recall_at_k
         self.index = None
         self.writes = 0        # slot writes since the last training (or reset)
@@ -83,6 +88,9 @@ class IvfBackend:
         self.trainings = 0
         self.searches = 0
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
+        self.sizings: list[dict[str, int]] = []  # nprobe sized right after each (re-)training
+        self.needed: list[int] = []  # lists needed by the last RECENT_CHECKS checks and sizings
+        self.recent: Tensor | None = None  # the last search's first CHECK_QUERIES queries
 
     # -- keeping the index current -------------------------------------------------------------
     def reset(self, keys: Tensor, rewritten: int = 0) -> None:
@@ -140,11 +148,18 @@ class IvfBackend:
         index.nprobe = min(self.nprobe, self.lists)
         self.index, self.writes = index, 0
         self.trainings += 1
+        if (self.target_1 or self.target_k) and self.recent is not None:
+            _, exact = self._exact.search(keys, self.recent, min(self.k, self.n))
+            needed = self.probes_needed(self.recent, exact)
+            self._size(needed)
+            self.sizings = self.sizings[-999:] + [{"search": self.searches, "trainings": self.trainings,
+                                                   "probes_needed": needed, "nprobe_next": self.nprobe}]
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-k candidates of queries [B, d] by the probed lists: (sims [B, k], ids [B, k]),
         sorted by score, ties by the lower id; exact until the first training."""
+        self.recent = queries[:CHECK_QUERIES].detach().clone()
         if self.index is None:
             return self._exact.search(keys, queries, k)
         self.searches += 1
@@ -177,9 +192,13 @@ class IvfBackend:
         self.checks = self.checks[-999:] + [check]
         if self.target_1 or self.target_k:
             check["probes_needed"] = self.probes_needed(queries, exact)
-            most = max(c["probes_needed"] for c in self.checks[-RECENT_CHECKS:])
-            self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * most))
+            self._size(check["probes_needed"])
             check["nprobe_next"] = self.nprobe
+
+    def _size(self, needed: int) -> None:
+        """nprobe: PROBE_MARGIN x the most lists that this and the last figures needed."""
+        self.needed = self.needed[-(RECENT_CHECKS - 1):] + [needed]
+        self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(self.needed)))
 
     def probes_needed(self, queries: Tensor, exact: Tensor) -> int:
         """The fewest lists to probe for recall@1 >= target_1 and recall@k >= target_k on queries
@@ -201,7 +220,7 @@ class IvfBackend:
     def stats(self) -> dict:
         """Lists, probes, trainings, and the recall checks so far (every `ivf_check_every` searches)."""
         return {"name": self.name, "lists": self.lists, "nprobe": self.nprobe, "trainings": self.trainings,
-                "writes": self.total_writes, "checks": list(self.checks)}
+                "writes": self.total_writes, "checks": list(self.checks), "sizings": list(self.sizings)}
 
 
 def recall_at(want: Tensor, got: Tensor) -> tuple[float, float]:

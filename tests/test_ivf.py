@@ -168,6 +168,33 @@ def test_recall_targets_set_nprobe_at_each_check():
         dataclasses.replace(base, ivf_check_every=0, ivf_target_recall_at_k=0.9)
 
 
+def test_a_retraining_sizes_nprobe_on_the_last_queries_before_any_check():
+    """The checks' figures were measured against the old lists: right after a re-training the
+    last search's queries are sized against the new ones, so the next search meets the targets."""
+    keys = clustered(N, D, spread=0.6)
+    cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1000,
+                       ivf_retrain_every=0.01, ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95)
+    ivf, _ = memories(cfg, filled(keys))
+    assert ivf.backend.trainings == 1 and ivf.backend.stats()["sizings"] == []  # loaded: no query yet
+    near = F.normalize(keys[:64] + 0.3 * unit(64, D, seed=1), dim=1)
+    far = F.normalize(keys[64:128] + 1.5 * unit(64, D, seed=2), dim=1)  # lies far from the keys
+    ivf.step(near, torch.arange(1000, 1064))  # search 1: a check; 64 new labels, 64 slots written
+    (check,) = ivf.backend.stats()["checks"]
+    ivf.step(far, torch.arange(2000, 2064))  # search 2, no check; its writes pass 80: re-trained
+    stats = ivf.backend.stats()
+    assert stats["trainings"] == 2 and len(stats["checks"]) == 1
+    (sizing,) = stats["sizings"]
+    exact = LocalMemory(cfg, backend="torch", device="cpu")
+    exact.load_state(ivf.state())
+    want = exact.shard.search(far[:32])["ids"]
+    assert sizing == {"search": 2, "trainings": 2, "probes_needed": ivf.backend.probes_needed(far[:32], want),
+                      "nprobe_next": stats["nprobe"]}
+    assert sizing["probes_needed"] > check["probes_needed"]  # the far queries need more than the check saw
+    assert stats["nprobe"] == min(64, math.ceil(1.5 * sizing["probes_needed"]))
+    got = ivf.shard.search(far[:32])["ids"]
+    assert (got[:, 0] == want[:, 0]).float().mean() >= 0.99 and recall(got, want) >= 0.95
+
+
 def test_in_place_writes_are_visible_to_the_next_search():
     keys = clustered(N, D)
     cfg = MemoryConfig(size=N, key_dim=D, k=4, ivf_lists=64, ivf_probe=1, age_noise=0.0, ivf_retrain_every=0)
