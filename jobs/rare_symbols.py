@@ -86,6 +86,8 @@ def run(cfg: RareSymbolRunConfig, args) -> dict:
         memory = fit(RareSymbolsTask(cfg, use_memory), sub, args.address, args.memory_storage, args.max_failures)
         if memory is not None:  # saved with every checkpoint; the protocol reads the last one
             backend_stats["training"] = [shard["backend"] for shard in memory.placement()]
+            # saved now as well: the test protocol can take long, and these figures are the training's
+            sub.write_text("memory_backend.json", json.dumps(backend_stats["training"], indent=1))
             memory.shutdown()
 
     trained: dict[str, dict] = {}

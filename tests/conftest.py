@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,15 @@ import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.memory import states_equal
+
+
+def pytest_configure(config) -> None:
+    """SIGTERM (a CI time limit, `kill`) ends the run as Ctrl-C does, so the fixtures still tear
+    down: the local multi-node cluster and Ray's processes would otherwise outlive pytest."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:
