@@ -113,6 +113,7 @@ def test_a_killed_coordinator_comes_back_and_the_run_equals_an_uninterrupted_one
         mem.shutdown()
 
 
+@pytest.mark.slow  # 11-17 s of restarts: the default tier stays within 5 minutes
 def test_a_step_some_shards_applied_when_the_coordinator_died_is_finished_by_its_restart(ray):
     """Every shard gets the step's whole plan and keeps it; a coordinator that died between the
     shards' applies leaves a step that its restart finishes from the copy of a shard ahead."""

@@ -296,6 +296,7 @@ def test_both_memories_refuse_a_read_made_before_a_clear_or_a_load(sharded_cls, 
         sharded.shutdown()
 
 
+@pytest.mark.slow  # 11-17 s of restarts: the default tier stays within 5 minutes
 def test_a_restarted_shard_keeps_its_generation(sharded_cls, ray_local, tmp_path):
     """After a clear, a shard that dies comes back with the clear's generation: reads made after
     the clear still write."""
@@ -338,6 +339,7 @@ def _bytes_read(pid: int) -> int:
     return int(dict(line.split(": ") for line in open(f"/proc/{pid}/io").read().splitlines())["rchar"])
 
 
+@pytest.mark.slow  # 11-17 s (5 shard processes, 10 MB through a URI): the default tier stays within 5 minutes
 def test_a_checkpoint_through_a_uri_moves_only_what_each_process_needs(sharded_cls, tmp_path):
     """Saved through a URI (each shard uploads its own part) and loaded through one into 3 shards:
     each shard fetches only the parts that overlap its slots, the caller only the manifest (before:
