@@ -148,7 +148,7 @@ class IvfBackend:
         index.nprobe = min(self.nprobe, self.lists)
         self.index, self.writes = index, 0
         self.trainings += 1
-        if (self.target_1 or self.target_k) and self.recent is not None:
+        if self.recent is not None:  # kept only with recall targets
             _, exact = self._exact.search(keys, self.recent, min(self.k, self.n))
             needed = self.probes_needed(self.recent, exact)
             self._size(needed)
@@ -159,7 +159,8 @@ class IvfBackend:
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-k candidates of queries [B, d] by the probed lists: (sims [B, k], ids [B, k]),
         sorted by score, ties by the lower id; exact until the first training."""
-        self.recent = queries[:CHECK_QUERIES].detach().clone()
+        if self.target_1 or self.target_k:  # for the sizing at the next (re-)training
+            self.recent = queries[:CHECK_QUERIES].detach().clone()
         if self.index is None:
             return self._exact.search(keys, queries, k)
         self.searches += 1
