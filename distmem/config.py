@@ -32,6 +32,8 @@ class MemoryConfig:
         exact search (0: never).
     ivf_target_recall_at_1, ivf_target_recall_at_k: recall targets in [0, 1] (0: none, nprobe stays
         ivf_probe); with either, every check sets nprobe to what the targets need (see distmem.ivf).
+    ivf_exact_share: with a recall target, a search whose nprobe would scan more than this share of
+        the lists runs the exact search instead, which is cheaper there (1: never).
     """
 
     size: int
@@ -51,6 +53,7 @@ class MemoryConfig:
     ivf_check_every: int = 100
     ivf_target_recall_at_1: float = 0.0
     ivf_target_recall_at_k: float = 0.0
+    ivf_exact_share: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("size", "key_dim", "k", "seed", "chunk_size"):
@@ -67,7 +70,7 @@ class MemoryConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"MemoryConfig.{name} must be a finite number >= 0, got {value!r}")
-        for name in ("ivf_target_recall_at_1", "ivf_target_recall_at_k"):
+        for name in ("ivf_target_recall_at_1", "ivf_target_recall_at_k", "ivf_exact_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"MemoryConfig.{name} must be a number in [0, 1], got {value!r}")

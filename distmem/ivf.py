@@ -19,7 +19,10 @@ current by the memory's in-place slot rewrites.
   key to new lists, so the checks' figures no longer say what the next search needs: right after
   it, the last search's first 32 queries are sized against the new lists the same way (recorded
   in `stats()["sizings"]`, not as checks: no search used those probes), and that figure joins the
-  window.
+  window. Scanning many lists costs more than the exact search (faiss scans a list slot by slot;
+  the exact search is one matrix product): a search whose sized nprobe exceeds
+  `ivf_exact_share` of the lists runs the exact search instead, and its check still sizes nprobe
+  from the list ranks, so the index takes over again once the queries need fewer lists.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
@@ -82,11 +85,13 @@ class IvfBackend:
         self.check_every = config.ivf_check_every
         self.k = config.k
         self.target_1, self.target_k = config.ivf_target_recall_at_1, config.ivf_target_recall_at_k
+        self.exact_share = config.ivf_exact_share
         self.index = None
         self.writes = 0        # slot writes since the last training (or reset)
         self.total_writes = 0
         self.trainings = 0
         self.searches = 0
+        self.exact_searches = 0  # searches since the first training that ran exact (nprobe above exact_share)
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
         self.sizings: list[dict[str, int]] = []  # nprobe sized right after each (re-)training
         self.needed: list[int] = []  # lists needed by the last RECENT_CHECKS checks and sizings
@@ -164,6 +169,23 @@ class IvfBackend:
         if self.index is None:
             return self._exact.search(keys, queries, k)
         self.searches += 1
+        exact = self.searches_exactly()
+        if exact:
+            self.exact_searches += 1
+            sims, ids = self._exact.search(keys, queries, k)
+        else:
+            sims, ids = self._probe(keys, queries, k)
+        if self.check_every and (self.searches - 1) % self.check_every == 0:  # searches 1, 1 + every, ...
+            self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k, exact)
+        return sims, ids
+
+    def searches_exactly(self) -> bool:
+        """Whether the next search runs exact: with recall targets, when nprobe would scan more than
+        `exact_share` of the lists."""
+        return bool(self.target_1 or self.target_k) and self.index.nprobe > self.exact_share * self.lists
+
+    def _probe(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """faiss's search of the probed lists, sorted by (score, lower id)."""
         sims, ids = self.index.search(_float32(queries), k)
         sims, ids = torch.from_numpy(sims).to(keys.device), torch.from_numpy(ids).to(keys.device)
         short = (ids < 0).any(1)
@@ -174,8 +196,6 @@ class IvfBackend:
         if short.any():  # the probed lists held fewer than k slots
             rows = short.nonzero().squeeze(1)
             sims[rows], ids[rows] = self._exact.search(keys, queries[rows], k)
-        if self.check_every and (self.searches - 1) % self.check_every == 0:  # searches 1, 1 + every, ...
-            self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k)
         return sims, ids
 
     def _vectors(self, stored: Tensor) -> np.ndarray:
@@ -183,13 +203,14 @@ class IvfBackend:
         quantiser's levels); int8_dim keys decoded (faiss encodes them back to the same codes)."""
         return _float32(self.codec.decode(stored) if self.codes == "QT_8bit" else stored)
 
-    def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int) -> None:
-        """Record the recall of this search's first queries against the exact search; with recall
-        targets, set nprobe from what these queries needed."""
-        _, exact = self._exact.search(keys, queries, k)
+    def _check(self, keys: Tensor, queries: Tensor, ids: Tensor, k: int, searched_exactly: bool = False) -> None:
+        """Record the recall of this search's first queries against the exact search (1 when the
+        search ran exact: `exact` in the record); with recall targets, set nprobe from what these
+        queries needed."""
+        exact = ids if searched_exactly else self._exact.search(keys, queries, k)[1]
         at_1, at_k = recall_at(exact, ids)
         check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
-                 "nprobe": int(self.index.nprobe), "recall_at_1": at_1, "recall_at_k": at_k}
+                 "nprobe": int(self.index.nprobe), "exact": searched_exactly, "recall_at_1": at_1, "recall_at_k": at_k}
         self.checks = self.checks[-999:] + [check]
         if self.target_1 or self.target_k:
             check["probes_needed"] = self.probes_needed(queries, exact)
@@ -219,9 +240,11 @@ class IvfBackend:
         return needed
 
     def stats(self) -> dict:
-        """Lists, probes, trainings, and the recall checks so far (every `ivf_check_every` searches)."""
+        """Lists, probes, trainings, searches since the first training (and how many of them ran exact),
+        and the recall checks so far (every `ivf_check_every` searches)."""
         return {"name": self.name, "lists": self.lists, "nprobe": self.nprobe, "trainings": self.trainings,
-                "writes": self.total_writes, "checks": list(self.checks), "sizings": list(self.sizings)}
+                "writes": self.total_writes, "searches": self.searches, "exact_searches": self.exact_searches,
+                "checks": list(self.checks), "sizings": list(self.sizings)}
 
 
 def recall_at(want: Tensor, got: Tensor) -> tuple[float, float]:

@@ -143,7 +143,7 @@ def test_probes_needed_is_what_faiss_needs():
 def test_recall_targets_set_nprobe_at_each_check():
     keys = clustered(N, D, spread=0.6)
     base = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1,
-                        ivf_retrain_every=0)
+                        ivf_retrain_every=0, ivf_exact_share=1.0)  # the index's own search at any nprobe
     fixed, _ = memories(base, filled(keys))
     adaptive, _ = memories(dataclasses.replace(base, ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95),
                            filled(keys))
@@ -173,7 +173,8 @@ def test_a_retraining_sizes_nprobe_on_the_last_queries_before_any_check():
     last search's queries are sized against the new ones, so the next search meets the targets."""
     keys = clustered(N, D, spread=0.6)
     cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1000,
-                       ivf_retrain_every=0.01, ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95)
+                       ivf_retrain_every=0.01, ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95,
+                       ivf_exact_share=1.0)
     ivf, _ = memories(cfg, filled(keys))
     assert ivf.backend.trainings == 1 and ivf.backend.stats()["sizings"] == []  # loaded: no query yet
     near = F.normalize(keys[:64] + 0.3 * unit(64, D, seed=1), dim=1)
@@ -193,6 +194,32 @@ def test_a_retraining_sizes_nprobe_on_the_last_queries_before_any_check():
     assert stats["nprobe"] == min(64, math.ceil(1.5 * sizing["probes_needed"]))
     got = ivf.shard.search(far[:32])["ids"]
     assert (got[:, 0] == want[:, 0]).float().mean() >= 0.99 and recall(got, want) >= 0.95
+
+
+def test_a_search_that_would_scan_many_lists_runs_exact_until_fewer_suffice():
+    """With recall targets, an nprobe above ivf_exact_share of the lists makes the search exact
+    (the cheaper one there); the checks keep sizing nprobe, and the index searches again once the
+    queries need few lists."""
+    keys = clustered(N, D, spread=0.6)
+    cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1, ivf_retrain_every=0,
+                       ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=1.0, ivf_exact_share=0.25)
+    ivf, exact = memories(cfg, filled(keys))
+    far = F.normalize(keys[:64] + 1.5 * unit(64, D, seed=1), dim=1)  # lies far from the keys
+    ivf.shard.search(far)  # probes 1 list; its check sizes nprobe for such queries
+    assert ivf.backend.stats()["nprobe"] > 0.25 * 64 and ivf.backend.searches_exactly()
+    got, want = ivf.shard.search(far), exact.shard.search(far)
+    assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["sims"], want["sims"])
+    for s in range(2, 12):  # near queries: the window forgets the far ones after 8 checks
+        ivf.shard.search(F.normalize(keys[s * 64:(s + 1) * 64] + 0.3 * unit(64, D, seed=s), dim=1))
+    stats = ivf.backend.stats()
+    flags = [c["exact"] for c in stats["checks"]]
+    assert flags[0] is False and flags[1] is True and flags[-1] is False, flags
+    assert stats["exact_searches"] == sum(flags) and stats["searches"] == len(flags) == 12
+    for c in stats["checks"]:  # exact exactly when the nprobe it would have used was above the share
+        assert c["exact"] == (c["nprobe"] > 0.25 * 64), c
+        assert not c["exact"] or (c["recall_at_1"], c["recall_at_k"]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="ivf_exact_share"):
+        dataclasses.replace(cfg, ivf_exact_share=1.5)
 
 
 def test_in_place_writes_are_visible_to_the_next_search():
