@@ -16,15 +16,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-
-from tqdm import tqdm
 
 from distmem import checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.plots import line_plot
-from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask, sequence_accuracy
-from distmem.tasks.algorithmic.task import load_trained, select_checkpoint
+from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask
+from distmem.tasks.algorithmic.task import load_trained, score_part, select_checkpoint
 
 
 def plot_generalisation(accuracy: dict[int, float], path: Path, title: str, trained_to: int) -> None:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(cfg: AlgorithmicRunConfig, args) -> dict:
     started = time.time()
     store = open_run(cfg, args, name=f"neural-gpu-{cfg.task}")
-    from distmem.distributed import connect, fit  # imports Ray
+    from distmem.distributed import connect, fit, map_tasks  # imports Ray
     connect(args.address)  # in the main thread: an embedded Ray lives as long as the thread that starts it
     follow(store, cfg.steps, f"training the Neural GPU on {cfg.task}",
            lambda: fit(AlgorithmicTask(cfg), store, args.address, max_failures=args.max_failures),
@@ -61,16 +60,21 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
     tested_step, averaged = chosen if chosen is not None else (trained["step"], False)
     checkpoint = saved[tested_step] if chosen is not None else checkpoints.latest(store)
-    model, _ = load_trained(store.uri, checkpoint, averaged)
-    accuracy: dict[int, float] = {}
-    seconds: dict[int, float] = {}
-    for length in tqdm(sorted(cfg.test_lengths), desc="generalisation test", unit="length"):
-        t0 = time.time()
-        accuracy[length] = sequence_accuracy(model, cfg, length, cfg.test_instances, seed=cfg.seed + 2)
-        seconds[length] = time.time() - t0
+    load_trained(store.uri, checkpoint, averaged)  # a checkpoint that cannot be tested fails here, not in a task
+    # each length in as many parts as there were trainers, whose CPUs are free now; the longest first
+    parts, cpus = cfg.workers, max(1, cfg.cpus_per_worker)
+    items = [(length, part) for length in sorted(set(cfg.test_lengths), reverse=True) for part in range(parts)]
+    t0 = time.time()
+    scored = map_tasks(partial(score_part, store.uri, checkpoint, averaged, cfg, parts=parts, threads=cpus),
+                       items, cpus=cpus, desc="generalisation test")
+    test_seconds = time.time() - t0
+    accuracy = {n: 100.0 * sum(right for (length, _), (right, _) in zip(items, scored) if length == n)
+                / cfg.test_instances for n in cfg.test_lengths}
+    seconds = {n: max(s for (length, _), (_, s) in zip(items, scored) if length == n) for n in cfg.test_lengths}
     perfect = [n for n in sorted(accuracy) if accuracy[n] == 100.0]
     metrics = {"preset": cfg.preset, "task": cfg.task, "config": vars(cfg), "steps": cfg.steps,
                "sequence_accuracy": accuracy, "test_instances": cfg.test_instances, "test_seconds": seconds,
+               "test_wall_seconds": test_seconds,
                "longest_perfect_length": max(perfect) if perfect else None, "checkpoint": checkpoint,
                "averaged": averaged, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "resumed": bool(args.resume),
@@ -85,7 +89,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
           f"(trained on lengths <= {cfg.max_length}; {checkpoint}{' (its weights average)' if averaged else ''}"
           f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
     for length in sorted(accuracy):
-        print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s)")
+        print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s, its longest part)")
+    print(f"test: {test_seconds:.0f} s ({parts} parts a length, run side by side)")
     print(f"\nwall time {metrics['wall_seconds']:.0f} s{' (this resumed part)' if args.resume else ''}; training "
           f"{train_seconds:.0f} s; metrics.json and "
           f"generalisation.png in {store.uri}")

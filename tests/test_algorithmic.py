@@ -34,6 +34,8 @@ from distmem.tasks.algorithmic.task import (
     load_trained,
     saturation_scale,
     select_checkpoint,
+    sequence_accuracy,
+    sequence_right,
 )
 
 from conftest import run_job
@@ -186,7 +188,7 @@ def test_the_saturation_share_caps_the_cost_at_a_share_of_the_cross_entropy():
     src, tgt = next(task.batches(0, 1, 0))
     task.train_step(model, None, (src, tgt), optimizer, 0)
     out = twin(src, tgt)
-    scale = 0.02 * float(out.ce) / float(out.saturation)
+    scale = 0.02 * float(out.ce.detach()) / float(out.saturation.detach())
     assert 0 < scale < 1  # the case the share changes
     (out.ce + scale * out.saturation).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -213,6 +215,33 @@ def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
     assert select_checkpoint(averaged, {2, 4, 6}, 50) == (6, True)
     assert select_checkpoint(averaged, {2, 4}, 50) == (2, True)
     assert select_checkpoint(averaged[1:2], {4}, 50) == (4, False)
+
+
+class EvenSumReverser(torch.nn.Module):
+    """A stand-in for a trained rev model: right on exactly the instances whose input ids sum to an
+    even number, all BLANK on the others."""
+
+    def greedy(self, src: torch.Tensor, length: int) -> tuple[torch.Tensor, None]:
+        right = src.flip(1) + 1  # rev: input id i (letter i - 1) answers output id i + 1
+        return torch.where((src.sum(1, keepdim=True) % 2) == 0, right, torch.full_like(src, BLANK)), None
+
+
+def test_the_test_split_in_parts_counts_what_the_whole_counts():
+    """The generalisation test runs each length in parts (one per trainer's CPU); the parts draw
+    the same instances, so their counts sum to the whole's, which an independent count of the
+    even-sum instances in the same draws gives."""
+    cfg = AlgorithmicRunConfig(task="rev", symbols=4)
+    rng = np.random.default_rng([7, 9])
+    want = sum(int((batch("rev", 9, min(64, 300 - s), rng, 4)[0].sum(1) % 2 == 0).sum()) for s in range(0, 300, 64))
+    assert 100 < want < 200  # the stand-in gets some right and some wrong
+    model = EvenSumReverser()
+    assert sequence_right(model, cfg, 9, 300, seed=7) == want
+    assert sequence_accuracy(model, cfg, 9, 300, seed=7) == 100.0 * want / 300
+    for parts in (2, 3, 5, 7):  # 300 instances are 5 batches: with 7 parts, two of them are empty
+        counts = [sequence_right(model, cfg, 9, 300, seed=7, part=p, parts=parts) for p in range(parts)]
+        assert sum(counts) == want and (parts < 5 or counts.count(0) >= parts - 5), counts
+    with pytest.raises(ValueError, match="part"):
+        sequence_right(model, cfg, 9, 300, seed=7, part=2, parts=2)
 
 
 def test_the_weights_average_is_the_hand_computed_moving_average(tmp_path):
@@ -302,10 +331,14 @@ def test_quick_preset_end_to_end(tmp_path):
                             for e in metrics["evals"] for p in ("", "ema_") if f"{p}validation_accuracy" in e)
     # the test's model: the best at length 12, of the weights and their average
     assert (metrics["checkpoint"], metrics["averaged"]) == (f"checkpoints/step-{step:07d}", averaged)
-    default, chosen = (load_trained(str(run), *c)[0].state_dict()
-                       for c in ((), (metrics["checkpoint"], metrics["averaged"])))
+    default_model = load_trained(str(run))[0]
+    default, chosen = (m.state_dict() for m in (default_model, load_trained(str(run), metrics["checkpoint"],
+                                                                            metrics["averaged"])[0]))
     assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model
     assert (run / "generalisation.png").stat().st_size > 0 and "length    16" in out.stdout
+    cfg = load_trained(str(run))[1]  # the test ran in parts as Ray tasks: the same as one pass here
+    assert {int(n): a for n, a in metrics["sequence_accuracy"].items()} == {
+        n: sequence_accuracy(default_model, cfg, n, 32, seed=cfg.seed + 2) for n in (8, 16)}
     # a --resume that trains further reports the training time of the whole run, not only its part
     run_job("jobs.neural_gpu", "--resume", str(run), "--steps", "30")
     resumed = json.loads((run / "metrics.json").read_text())

@@ -2,6 +2,7 @@
 
 cluster: joining a cluster or an embedded local Ray, shard placement. memory: `ShardedMemory`
 (shard actors, coordinator). trainer: `fit(task, store)`, the Ray Train trainer of every task.
+parallel: `map_tasks`, independent work (an evaluation's parts) as Ray tasks.
 ray_compat: the Ray internals this relies on.
 """
 
@@ -9,8 +10,9 @@ from typing import Any
 
 from distmem.distributed.cluster import connect
 from distmem.distributed.memory import Coordinator, ShardActor, ShardedMemory, shard_ranges
+from distmem.distributed.parallel import map_tasks
 
-__all__ = ["Coordinator", "ShardActor", "ShardedMemory", "connect", "fit", "shard_ranges"]
+__all__ = ["Coordinator", "ShardActor", "ShardedMemory", "connect", "fit", "map_tasks", "shard_ranges"]
 
 
 def __getattr__(name: str) -> Any:

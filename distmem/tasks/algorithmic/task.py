@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,16 +23,42 @@ def sequence_accuracy(model: NeuralGPU, cfg: AlgorithmicRunConfig, length: int, 
                       batch_size: int = 64) -> float:
     """The share (%) of `instances` fresh instances of tape length `length` (seeded by `seed`)
     whose every output position the model gets right (greedy)."""
+    return 100.0 * sequence_right(model, cfg, length, instances, seed, batch_size) / instances
+
+
+def sequence_right(model: NeuralGPU, cfg: AlgorithmicRunConfig, length: int, instances: int, seed: int,
+                   batch_size: int = 64, part: int = 0, parts: int = 1) -> int:
+    """How many of those instances the model gets wholly right; with `parts`, only those in the
+    `part`-th of `parts` runs of consecutive batches (the draws stay the same, so the parts' counts
+    sum to the whole's)."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part: expected 0 <= part < parts = {parts}, got {part}")
     rng = np.random.default_rng([seed, length])
+    starts = range(0, instances, batch_size)
+    first, end = part * len(starts) // parts, (part + 1) * len(starts) // parts
     was_training = model.training
     model.eval()
     right = 0
-    for start in range(0, instances, batch_size):
+    for j, start in enumerate(starts[:end]):
         src, tgt = batch(cfg.task, length, min(batch_size, instances - start), rng, cfg.symbols)
-        out, _ = model.greedy(torch.from_numpy(src), length)
-        right += int((out == torch.from_numpy(tgt)).all(1).sum())
+        if j >= first:  # the batches before this part's are drawn only to advance the generator
+            out, _ = model.greedy(torch.from_numpy(src), length)
+            right += int((out == torch.from_numpy(tgt)).all(1).sum())
     model.train(was_training)
-    return 100.0 * right / instances
+    return right
+
+
+def score_part(run: str, checkpoint: str, averaged: bool, cfg: AlgorithmicRunConfig, item: tuple[int, int],
+              parts: int, threads: int = 1) -> tuple[int, float]:
+    """One part of the generalisation test, runnable in another process: the model of `run`'s
+    `checkpoint` on the `part`-th of `parts` shares of cfg.test_instances instances of item =
+    (length, part), seeded by cfg.seed + 2. Returns (instances right, seconds)."""
+    started = time.time()
+    torch.set_num_threads(threads)
+    length, part = item
+    model, _ = load_trained(run, checkpoint, averaged)
+    right = sequence_right(model, cfg, length, cfg.test_instances, cfg.seed + 2, part=part, parts=parts)
+    return right, time.time() - started
 
 
 def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
