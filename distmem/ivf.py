@@ -15,7 +15,9 @@ current by the memory's in-place slot rewrites.
   sets nprobe: from the probe rank of each exact candidate's list it knows the fewest lists that
   would have met both targets on its queries, and probes `PROBE_MARGIN` times the most that any
   of the last `RECENT_CHECKS` checks needed (32 queries give a noisy figure, and the keys keep
-  drifting until the next check). nprobe may fall as well as rise. A (re-)training moves every
+  drifting until the next check). nprobe may fall as well as rise. It is kept per k, the
+  candidates a search asks for: one memory may serve several (the rare-symbol protocol writes
+  with k = 1, which needs few lists, and decodes with k = 256, which needs many). A (re-)training moves every
   key to new lists, so the checks' figures no longer say what the next search needs: right after
   it, the last search's first 32 queries are sized against the new lists the same way (recorded
   in `stats()["sizings"]`, not as checks: no search used those probes), and that figure joins the
@@ -73,7 +75,7 @@ class IvfBackend:
         self.faiss = import_faiss()
         self.n, self.d = n, config.key_dim
         self.lists = min(config.ivf_lists or default_lists(n), max(1, n // 39))
-        self.nprobe = config.ivf_probe
+        self.nprobe = self.first_probe = config.ivf_probe
         self.train_after = max(1, math.ceil(config.ivf_train_after * n))
         self.retrain_every = math.ceil(config.ivf_retrain_every * n)
         self.codes = {"float32": None, "float16": "QT_fp16", "bfloat16": "QT_bf16",
@@ -94,8 +96,9 @@ class IvfBackend:
         self.exact_searches = 0  # searches since the first training that ran exact (nprobe above exact_share)
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
         self.sizings: list[dict[str, int]] = []  # nprobe sized right after each (re-)training
-        self.needed: list[int] = []  # lists needed by the last RECENT_CHECKS checks and sizings
-        self.recent: Tensor | None = None  # the last search's first CHECK_QUERIES queries
+        self.needed: dict[int, list[int]] = {}  # by k: lists needed by the last RECENT_CHECKS checks and sizings
+        self.probes: dict[int, int] = {}  # by k: the nprobe those figures set (recall targets only)
+        self.recent: tuple[Tensor, int] | None = None  # the last search's first CHECK_QUERIES queries, and its k
 
     # -- keeping the index current -------------------------------------------------------------
     def reset(self, keys: Tensor, rewritten: int = 0) -> None:
@@ -154,10 +157,11 @@ class IvfBackend:
         self.index, self.writes = index, 0
         self.trainings += 1
         if self.recent is not None:  # kept only with recall targets
-            _, exact = self._exact.search(keys, self.recent, min(self.k, self.n))
-            needed = self.probes_needed(self.recent, exact)
-            self._size(needed)
-            self.sizings = self.sizings[-999:] + [{"search": self.searches, "trainings": self.trainings,
+            queries, k = self.recent
+            _, exact = self._exact.search(keys, queries, k)
+            needed = self.probes_needed(queries, exact)
+            self._size(needed, k)
+            self.sizings = self.sizings[-999:] + [{"search": self.searches, "trainings": self.trainings, "k": k,
                                                    "probes_needed": needed, "nprobe_next": self.nprobe}]
 
     # -- search ----------------------------------------------------------------------------------
@@ -165,11 +169,13 @@ class IvfBackend:
         """Top-k candidates of queries [B, d] by the probed lists: (sims [B, k], ids [B, k]),
         sorted by score, ties by the lower id; exact until the first training."""
         if self.target_1 or self.target_k:  # for the sizing at the next (re-)training
-            self.recent = queries[:CHECK_QUERIES].detach().clone()
+            self.recent = queries[:CHECK_QUERIES].detach().clone(), k
         if self.index is None:
             return self._exact.search(keys, queries, k)
         self.searches += 1
-        exact = self.searches_exactly()
+        if self.probes:  # sized by the recall targets' checks
+            self.index.nprobe = self.probes_for(k)
+        exact = self.searches_exactly(k)
         if exact:
             self.exact_searches += 1
             sims, ids = self._exact.search(keys, queries, k)
@@ -179,10 +185,16 @@ class IvfBackend:
             self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k, exact)
         return sims, ids
 
-    def searches_exactly(self) -> bool:
-        """Whether the next search runs exact: with recall targets, when nprobe would scan more than
-        `exact_share` of the lists."""
-        return bool(self.target_1 or self.target_k) and self.index.nprobe > self.exact_share * self.lists
+    def probes_for(self, k: int) -> int:
+        """nprobe for a search of k candidates: what the checks sized for k; for a k they have not
+        seen, ivf_probe or the most sized for any k, whichever is more (a small k's figure says
+        little of what a large one needs)."""
+        return self.probes.get(k, min(self.lists, max([self.first_probe, *self.probes.values()])))
+
+    def searches_exactly(self, k: int) -> bool:
+        """Whether a search of k candidates runs exact: with recall targets, when its nprobe would
+        scan more than `exact_share` of the lists."""
+        return bool(self.target_1 or self.target_k) and self.probes_for(k) > self.exact_share * self.lists
 
     def _probe(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """faiss's search of the probed lists, sorted by (score, lower id)."""
@@ -209,18 +221,18 @@ class IvfBackend:
         queries needed."""
         exact = ids if searched_exactly else self._exact.search(keys, queries, k)[1]
         at_1, at_k = recall_at(exact, ids)
-        check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings,
+        check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings, "k": k,
                  "nprobe": int(self.index.nprobe), "exact": searched_exactly, "recall_at_1": at_1, "recall_at_k": at_k}
         self.checks = self.checks[-999:] + [check]
         if self.target_1 or self.target_k:
             check["probes_needed"] = self.probes_needed(queries, exact)
-            self._size(check["probes_needed"])
+            self._size(check["probes_needed"], k)
             check["nprobe_next"] = self.nprobe
 
-    def _size(self, needed: int) -> None:
+    def _size(self, needed: int, k: int) -> None:
         """nprobe: PROBE_MARGIN x the most lists that this and the last figures needed."""
-        self.needed = self.needed[-(RECENT_CHECKS - 1):] + [needed]
-        self.nprobe = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(self.needed)))
+        window = self.needed[k] = self.needed.get(k, [])[-(RECENT_CHECKS - 1):] + [needed]
+        self.nprobe = self.probes[k] = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(window)))
 
     def probes_needed(self, queries: Tensor, exact: Tensor) -> int:
         """The fewest lists to probe for recall@1 >= target_1 and recall@k >= target_k on queries

@@ -188,7 +188,7 @@ def test_a_retraining_sizes_nprobe_on_the_last_queries_before_any_check():
     exact = LocalMemory(cfg, backend="torch", device="cpu")
     exact.load_state(ivf.state())
     want = exact.shard.search(far[:32])["ids"]
-    assert sizing == {"search": 2, "trainings": 2, "probes_needed": ivf.backend.probes_needed(far[:32], want),
+    assert sizing == {"search": 2, "trainings": 2, "k": 16, "probes_needed": ivf.backend.probes_needed(far[:32], want),
                       "nprobe_next": stats["nprobe"]}
     assert sizing["probes_needed"] > check["probes_needed"]  # the far queries need more than the check saw
     assert stats["nprobe"] == min(64, math.ceil(1.5 * sizing["probes_needed"]))
@@ -206,7 +206,7 @@ def test_a_search_that_would_scan_many_lists_runs_exact_until_fewer_suffice():
     ivf, exact = memories(cfg, filled(keys))
     far = F.normalize(keys[:64] + 1.5 * unit(64, D, seed=1), dim=1)  # lies far from the keys
     ivf.shard.search(far)  # probes 1 list; its check sizes nprobe for such queries
-    assert ivf.backend.stats()["nprobe"] > 0.25 * 64 and ivf.backend.searches_exactly()
+    assert ivf.backend.stats()["nprobe"] > 0.25 * 64 and ivf.backend.searches_exactly(16)
     got, want = ivf.shard.search(far), exact.shard.search(far)
     assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["sims"], want["sims"])
     for s in range(2, 12):  # near queries: the window forgets the far ones after 8 checks
@@ -220,6 +220,35 @@ def test_a_search_that_would_scan_many_lists_runs_exact_until_fewer_suffice():
         assert not c["exact"] or (c["recall_at_1"], c["recall_at_k"]) == (1.0, 1.0)
     with pytest.raises(ValueError, match="ivf_exact_share"):
         dataclasses.replace(cfg, ivf_exact_share=1.5)
+
+
+def test_nprobe_is_sized_for_each_k_a_memory_is_searched_with():
+    """A memory searched for k = 1 (the nearest slot, for a write) and k = 16 (the loss's
+    candidates): each k probes what the checks of searches for that k found needed, so the few
+    lists that k = 1 needs never cut the probes of k = 16."""
+    keys = clustered(N, D, spread=0.6)
+    cfg = MemoryConfig(size=N, key_dim=D, k=16, ivf_lists=64, ivf_probe=1, ivf_check_every=1, ivf_retrain_every=0,
+                       ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=0.95, ivf_exact_share=1.0)
+    ivf, exact = memories(cfg, filled(keys))
+    for s in range(10):  # k = 16 far from the keys, then k = 1 near them, in turn
+        far = F.normalize(keys[s * 64:(s + 1) * 64] + 1.5 * unit(64, D, seed=s), dim=1)
+        near = F.normalize(keys[s * 64:(s + 1) * 64] + 0.3 * unit(64, D, seed=100 + s), dim=1)
+        ivf.shard.search(far)
+        ivf.shard.search(near, k=1)
+    checks = ivf.backend.stats()["checks"]
+    assert [c["k"] for c in checks] == [16, 1] * 10
+    for k in (16, 1):
+        mine = [c for c in checks if c["k"] == k]
+        for i, (before, after) in enumerate(zip(mine, mine[1:])):  # each probes what its k's last check set
+            assert after["nprobe"] == before["nprobe_next"] == min(
+                64, math.ceil(1.5 * max(c["probes_needed"] for c in mine[max(0, i - 7):i + 1])))
+    needs = {k: [c["probes_needed"] for c in checks[2:] if c["k"] == k] for k in (16, 1)}
+    assert max(needs[1]) < min(needs[16])  # after the first pair, k = 1 always needed fewer lists
+    assert ivf.backend.probes_for(16) > ivf.backend.probes_for(1)  # one shared window would give them the same
+    assert ivf.backend.probes_for(8) == max(ivf.backend.probes_for(16), 1)  # a k not seen: the most sized for any
+    q = F.normalize(keys[:32] + 1.5 * unit(32, D, seed=0), dim=1)  # the k = 16 searches keep their recall
+    got, want = ivf.shard.search(q)["ids"], exact.shard.search(q)["ids"]
+    assert recall(got, want) >= 0.95
 
 
 def test_in_place_writes_are_visible_to_the_next_search():
