@@ -17,14 +17,15 @@ current by the memory's in-place slot rewrites.
   of the last `RECENT_CHECKS` checks needed (32 queries give a noisy figure, and the keys keep
   drifting until the next check). nprobe may fall as well as rise. It is kept per k, the
   candidates a search asks for: one memory may serve several (the rare-symbol protocol writes
-  with k = 1, which needs few lists, and decodes with k = 256, which needs many). A (re-)training moves every
-  key to new lists, so the checks' figures no longer say what the next search needs: right after
-  it, the last search's first 32 queries are sized against the new lists the same way (recorded
-  in `stats()["sizings"]`, not as checks: no search used those probes), and that figure joins the
-  window. Scanning many lists costs more than the exact search (faiss scans a list slot by slot;
-  the exact search is one matrix product): a search whose sized nprobe exceeds
-  `ivf_exact_share` of the lists runs the exact search instead, and its check still sizes nprobe
-  from the list ranks, so the index takes over again once the queries need fewer lists.
+  with k = 1, which needs few lists, and decodes with k = 256, which needs many). A
+  (re-)training moves every key to new lists, so the checks' figures no longer say what the next
+  search needs: right after it, the last search's first 32 queries are sized against the new
+  lists the same way (recorded in `stats()["sizings"]`, not as checks: no search used those
+  probes), and that figure joins the window.
+- Scanning many lists costs more than the exact search (faiss scans a list slot by slot; the
+  exact search is one matrix product): with recall targets, a search whose sized nprobe exceeds
+  `ivf_exact_share` of the lists runs the exact search instead. Its check still sizes nprobe from
+  the list ranks, so the index takes over again once the queries need fewer lists.
 - The lists live in host memory (faiss's CPU IndexIVF, which rewrites a vector in place; its GPU
   IVF cannot): on a GPU memory the keys stay on the GPU too, and each step moves
   only its queries, candidate ids and rewritten keys between the two.
