@@ -233,7 +233,8 @@ class IvfBackend:
     def _size(self, needed: int, k: int) -> None:
         """nprobe: PROBE_MARGIN x the most lists that this and the last figures needed."""
         window = self.needed[k] = self.needed.get(k, [])[-(RECENT_CHECKS - 1):] + [needed]
-        self.nprobe = self.probes[k] = self.index.nprobe = min(self.lists, math.ceil(PROBE_MARGIN * max(window)))
+        # the index's own nprobe is set by each search, from probes_for(its k)
+        self.nprobe = self.probes[k] = min(self.lists, math.ceil(PROBE_MARGIN * max(window)))
 
     def probes_needed(self, queries: Tensor, exact: Tensor) -> int:
         """The fewest lists to probe for recall@1 >= target_1 and recall@k >= target_k on queries
