@@ -60,7 +60,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
     tested_step, averaged = chosen if chosen is not None else (trained["step"], False)
     checkpoint = saved[tested_step] if chosen is not None else checkpoints.latest(store)
-    load_trained(store.uri, checkpoint, averaged)  # a checkpoint that cannot be tested fails here, not in a task
+    # a checkpoint that cannot be tested fails here, not in a task
+    load_trained(store.uri, checkpoint, averaged, cfg.snap)
     # each length in as many parts as there were trainers, whose CPUs are free now; the longest first
     parts, cpus = cfg.workers, max(1, cfg.cpus_per_worker)
     items = [(length, part) for length in sorted(set(cfg.test_lengths), reverse=True) for part in range(parts)]

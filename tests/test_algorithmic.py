@@ -317,6 +317,26 @@ def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_p
     assert out.returncode == 2 and "not a jobs.neural_gpu run folder" in out.stderr
 
 
+def test_a_trained_run_loads_with_the_gates_snapped_as_asked(tmp_path):
+    """snap is an inference setting: load_trained(run, snap=...) rounds the dcgru's gates of a run
+    trained without it (the job's test takes it from the run's config, as after --resume --snap),
+    with the same weights; None keeps the checkpoint's."""
+    from distmem.models.neural_gpu import DCGRU
+    from distmem.runs import RunStore
+    from distmem.training import fit_local
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", workers=1, steps=2, batch_size=4, max_length=7,
+                               eval_every=0, checkpoint_every=2)
+    fit_local(AlgorithmicTask(cfg), RunStore(tmp_path))
+    plain, plain_cfg = load_trained(str(tmp_path))
+    snapped, snapped_cfg = load_trained(str(tmp_path), snap=0.1)
+    cells = [m for m in snapped.modules() if isinstance(m, DCGRU)]
+    assert len(cells) == 2 and all(c.snap == 0.1 for c in cells) and snapped_cfg.snap == 0.1
+    assert plain_cfg.snap == 0 and all(m.snap == 0 for m in plain.modules() if isinstance(m, DCGRU))
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), snapped.parameters()))
+    with pytest.raises(ValueError, match="snap"):
+        load_trained(str(tmp_path), snap=0.5)
+
+
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
     """Ray Train (2 trainers), the generalisation test, metrics.json and the plot."""

@@ -86,6 +86,29 @@ def test_a_diagonal_cgru_cell_by_hand():
     assert cell(s)[1] > 0  # a bias of 5 is saturated
 
 
+def test_snap_rounds_update_gates_near_0_or_1_at_inference_only():
+    """With snap 0.05 and constant gates u = (0.97, 0.02, 0.75), r = 0.75: in eval mode the first
+    channel keeps its state exactly (u -> 1), the second takes the candidate (u -> 0), the third
+    mixes as before; in training, and with snap 0, nothing is rounded."""
+    torch.manual_seed(0)
+    cell = DCGRU(3, kernel=1, height=1, snap=0.05)
+    s = torch.tensor([[0.5, -0.2, 0.9, 0.1], [0.3, 0.8, -0.6, 0.4], [-0.7, 0.2, 0.6, -0.1]]).view(1, 3, 1, 4)
+    with torch.no_grad():
+        cell.gates.weight.zero_()
+        cell.gates.bias.copy_(torch.tensor([0.94, -0.96, 0.5, 0.5, 0.5, 0.5]))
+    x = s[0, :, 0]
+    shifted = torch.stack([x[0], torch.cat([torch.zeros(1), x[1, :-1]]), torch.cat([x[2, 1:], torch.zeros(1)])])
+    c = (cell.candidate.weight[:, :, 0, 0] @ (0.75 * x) + cell.candidate.bias[:, None]).clamp(-1, 1)
+
+    def mixed(u):
+        return torch.tensor(u)[:, None] * shifted + (1 - torch.tensor(u)[:, None]) * c
+
+    torch.testing.assert_close(cell.eval()(s)[0][0, :, 0], mixed([1.0, 0.0, 0.75]))
+    torch.testing.assert_close(cell.train()(s)[0][0, :, 0], mixed([0.97, 0.02, 0.75]))
+    cell.snap = 0.0
+    torch.testing.assert_close(cell.eval()(s)[0][0, :, 0], mixed([0.97, 0.02, 0.75]))
+
+
 def test_a_one_row_tape_gets_one_row_kernels():
     assert CGRU(4, kernel=3, height=1).gates.weight.shape[-2:] == (1, 3)
     assert CGRU(4, kernel=3, height=4).gates.weight.shape[-2:] == (3, 3)
@@ -114,6 +137,10 @@ def test_shapes_and_errors():
         NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, cell="lstm")
     with pytest.raises(ValueError, match="saturation"):
         NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, saturation=-1.0)
+    with pytest.raises(ValueError, match=r"snap: expected a value in \[0, 0.5\)"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, cell="dcgru", snap=0.5)
+    with pytest.raises(ValueError, match="snap: the snapped update gate is the dcgru's"):
+        NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, snap=0.05)
 
 
 def test_the_saturation_cost_joins_the_loss_with_its_weight():

@@ -65,6 +65,9 @@ class NeuralGPUConfig:
     # with hard gates (the improved Neural GPU; see DCGRU)
     cell: Literal["cgru", "dcgru"] = "cgru"
     saturation: float = 0.0   # dcgru: weight of the saturation cost added to the loss (0: none)
+    # dcgru, inference only: an update gate within `snap` of 0 or 1 is set to exactly 0 or 1, so a
+    # held value no longer leaks over hundreds of steps (0: off; training never snaps)
+    snap: float = 0.0
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
     # the value's direct path: initial gain * confidence added to its logit (learned on a log
@@ -87,6 +90,10 @@ class NeuralGPUConfig:
             raise ValueError(f"nmaps: the dcgru shifts thirds of the channels: expected >= 3, got {self.nmaps}")
         if not (self.saturation >= 0 and math.isfinite(self.saturation)):
             raise ValueError(f"saturation: expected a finite weight >= 0, got {self.saturation}")
+        if not 0.0 <= self.snap < 0.5:
+            raise ValueError(f"snap: expected a value in [0, 0.5) (0: off), got {self.snap}")
+        if self.snap > 0 and self.cell != "dcgru":
+            raise ValueError("snap: the snapped update gate is the dcgru's (cell='dcgru')")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if not (self.memory_gain >= 0 and math.isfinite(self.memory_gain)):
@@ -111,6 +118,11 @@ def cutoff_sigmoid(x: Tensor, cutoff: float = 1.2) -> Tensor:
 def hard_sigmoid(x: Tensor) -> Tensor:
     """clip(x / 2 + 1/2, 0, 1): the improved Neural GPU's gate."""
     return torch.clamp(0.5 * x + 0.5, 0.0, 1.0)
+
+
+def snap_gate(u: Tensor, snap: float) -> Tensor:
+    """u with every value below `snap` set to 0 and above 1 - `snap` set to 1 (any shape)."""
+    return torch.where(u < snap, 0.0, torch.where(u > 1.0 - snap, 1.0, u))
 
 
 def saturation_cost(pre: Tensor, limit: float = 0.9) -> Tensor:
@@ -152,12 +164,15 @@ class DCGRU(CGRU):
     with hσ the hard sigmoid, htanh the hard tanh, and shift(s) moving the second third of the
     channels one position right and the last third one position left (zeros enter at the ends):
     a gate that keeps the state also carries it along the tape, one position a step. Dropout
-    (training) applies to c. Returns (s', the saturation cost of the three pre-activations)."""
+    (training) applies to c; `snap` (inference) rounds u within it of 0 or 1. Returns (s', the
+    saturation cost of the three pre-activations)."""
 
-    def __init__(self, nmaps: int, kernel: int = 3, extra: int = 0, height: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, nmaps: int, kernel: int = 3, extra: int = 0, height: int = 1, dropout: float = 0.0,
+                 snap: float = 0.0) -> None:
         super().__init__(nmaps, kernel, extra=extra, height=height)
         self.third = nmaps // 3
         self.dropout = dropout
+        self.snap = snap
         with torch.no_grad():  # the public code's starting biases: u = 0.85, r = 0.75
             self.gates.bias[:nmaps] = 0.7
             self.gates.bias[nmaps:] = 0.5
@@ -172,6 +187,8 @@ class DCGRU(CGRU):
     def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         gates = self.gates(s if extra is None else torch.cat([s, extra], 1))
         u, r = hard_sigmoid(gates).chunk(2, 1)
+        if self.snap > 0 and not self.training:
+            u = snap_gate(u, self.snap)
         pre = self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1))
         c = F.dropout(torch.clamp(pre, -1.0, 1.0), self.dropout, self.training)
         return u * self.shift(s) + (1 - u) * c, saturation_cost(gates) + saturation_cost(pre)
@@ -226,7 +243,7 @@ class NeuralGPU(nn.Module):
     def _cell(self, extra: int) -> CGRU:
         c = self.cfg
         if c.cell == "dcgru":
-            return DCGRU(c.nmaps, c.kernel, extra=extra, height=c.height, dropout=c.dropout)
+            return DCGRU(c.nmaps, c.kernel, extra=extra, height=c.height, dropout=c.dropout, snap=c.snap)
         return CGRU(c.nmaps, c.kernel, c.cutoff, extra=extra, gate_bias=c.gate_bias, height=c.height)
 
     def _steps(self, cells: nn.ModuleList, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:

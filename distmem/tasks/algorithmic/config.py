@@ -28,6 +28,9 @@ class AlgorithmicRunConfig:
              "the fit gets exact (Freivalds & Liepins keep it at lr x loss; 0: the fixed --saturation)")
     saturation_share_at: int = option(0, "the step from which --saturation-share applies (before it: the fixed "
                                          "weight, which the first steps need)")
+    snap: float = option(
+        0.0, "dcgru, inference only: set an update gate within this of 0 or 1 to exactly 0 or 1, so a held "
+             "value does not leak over a long tape (0: off)")
     extended: bool = option(False, "the Extended Neural GPU (a decoder tape) instead of the Neural GPU")
     workers: int = option(2, "data-parallel trainers (Ray Train)")
     cpus_per_worker: int = option(0, "CPUs each trainer reserves (0: the cluster's CPUs / workers)")
@@ -87,7 +90,8 @@ class AlgorithmicRunConfig:
         sizes = {**NEURAL_GPU_PRESETS[self.model], **({"nmaps": self.nmaps} if self.nmaps else {}),
                  **({"height": self.height} if self.height else {})}
         return NeuralGPUConfig(in_vocab=vocab.in_size, out_vocab=vocab.out_size, dropout=self.dropout,
-                               extended=self.extended, cell=self.cell, saturation=self.saturation, **sizes)
+                               extended=self.extended, cell=self.cell, saturation=self.saturation, snap=self.snap,
+                               **sizes)
 
 
 # the improved Neural GPU (Freivalds & Liepins): diagonal gates, hard gates with a saturation
@@ -99,14 +103,14 @@ PRESETS: dict[str, dict] = {
     # CI smoke run: a few steps, short test lengths, few instances
     "quick": dict(IMPROVED, steps=20, curriculum_every=5, max_length=8, test_lengths=(8, 16), test_instances=32,
                   eval_every=10, eval_instances=16, log_every=5, checkpoint_every=10, validation_length=12,
-                  ema_from=5, ema_decay=0.9),
+                  ema_from=5, ema_decay=0.9, snap=0.1),
     # the measured CPU run. Once the training lengths fit (20,000), the saturation cost falls to 1%
     # of the cross-entropy, and a moving average of the weights (horizon 2,000 steps) holds the
-    # answers at length 200, where the weights themselves drift (chosen on validation instances,
-    # docs/experiments.md)
+    # answers at length 200, where the weights themselves drift; at inference, update gates within
+    # 0.1 of 0 or 1 are rounded to it (chosen on validation instances, docs/experiments.md)
     "default": dict(IMPROVED, steps=26_000, eval_every=2000, checkpoint_every=2000, validation_length=200,
                     validation_from=24_000, saturation_share=0.01, saturation_share_at=20_000, ema_from=20_000,
-                    ema_decay=0.9995),
+                    ema_decay=0.9995, snap=0.1),
     # the first measured run: Kaiser & Sutskever's CGRU, 4 rows of 24 channels (docs/experiments.md)
     "cgru": dict(steps=10_000, eval_every=1000, checkpoint_every=1000),
 }

@@ -7,6 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ def score_part(run: str, checkpoint: str, averaged: bool, cfg: AlgorithmicRunCon
     started = time.time()
     torch.set_num_threads(threads)
     length, part = item
-    model, _ = load_trained(run, checkpoint, averaged)
+    model, _ = load_trained(run, checkpoint, averaged, cfg.snap)
     right = sequence_right(model, cfg, length, cfg.test_instances, cfg.seed + 2, part=part, parts=parts)
     return right, time.time() - started
 
@@ -223,12 +224,12 @@ def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: in
     return step, averaged
 
 
-def load_trained(run: str, checkpoint: str | None = None,
-                 averaged: bool = False) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
+def load_trained(run: str, checkpoint: str | None = None, averaged: bool = False,
+                 snap: float | None = None) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
     """The model of a `jobs.neural_gpu` run folder (path or URI) and its config: the checkpoint
     given ("checkpoints/step-0002000"; `averaged`: its weights' moving average), else the one its
-    test chose (metrics.json), else the latest. A checkpoint that would run code when unpickled
-    is refused (`CheckpointError`)."""
+    test chose (metrics.json), else the latest; `snap`: the gates' rounding at inference (None:
+    the checkpoint's). A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
     import json  # noqa: PLC0415
 
     from distmem import checkpoints  # noqa: PLC0415
@@ -244,6 +245,8 @@ def load_trained(run: str, checkpoint: str | None = None,
         raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
     payload = checkpoints.load(store, checkpoint)
     cfg = from_dict(AlgorithmicRunConfig, payload["config"])
+    if snap is not None:
+        cfg = replace(cfg, snap=snap)
     model = NeuralGPU(cfg.model_config())
     model.load_state_dict(payload["model"])
     if averaged:
