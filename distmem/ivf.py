@@ -17,7 +17,9 @@ current by the memory's in-place slot rewrites.
   of the last `RECENT_CHECKS` checks needed (32 queries give a noisy figure, and the keys keep
   drifting until the next check). nprobe may fall as well as rise. It is kept per k, the
   candidates a search asks for: one memory may serve several (the rare-symbol protocol writes
-  with k = 1, which needs few lists, and decodes with k = 256, which needs many). A
+  with k = 1, which needs few lists, and decodes with k = 256, which needs many). The first
+  search for a k that no check has sized runs exact and is checked, which sizes it (another k's
+  figure says little of what this one needs). A
   (re-)training moves every key to new lists, so the checks' figures no longer say what the next
   search needs: right after it, the last search's first 32 queries are sized against the new
   lists the same way (recorded in `stats()["sizings"]`, not as checks: no search used those
@@ -176,26 +178,29 @@ class IvfBackend:
         self.searches += 1
         if self.probes:  # sized by the recall targets' checks
             self.index.nprobe = self.probes_for(k)
-        exact = self.searches_exactly(k)
+        exact, unsized = self.searches_exactly(k), self.unsized(k)
         if exact:
             self.exact_searches += 1
             sims, ids = self._exact.search(keys, queries, k)
         else:
             sims, ids = self._probe(keys, queries, k)
-        if self.check_every and (self.searches - 1) % self.check_every == 0:  # searches 1, 1 + every, ...
+        if unsized or (self.check_every and (self.searches - 1) % self.check_every == 0):  # 1, 1 + every, ...
             self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k, exact)
         return sims, ids
 
+    def unsized(self, k: int) -> bool:
+        """With recall targets: no check or sizing has set nprobe for k yet."""
+        return bool(self.target_1 or self.target_k) and k not in self.probes
+
     def probes_for(self, k: int) -> int:
-        """nprobe for a search of k candidates: what the checks sized for k; for a k they have not
-        seen, ivf_probe or the most sized for any k, whichever is more (a small k's figure says
-        little of what a large one needs)."""
-        return self.probes.get(k, min(self.lists, max([self.first_probe, *self.probes.values()])))
+        """nprobe for a search of k candidates: what the checks sized for k, else ivf_probe."""
+        return self.probes.get(k, min(self.lists, self.first_probe))
 
     def searches_exactly(self, k: int) -> bool:
-        """Whether a search of k candidates runs exact: with recall targets, when its nprobe would
-        scan more than `exact_share` of the lists."""
-        return bool(self.target_1 or self.target_k) and self.probes_for(k) > self.exact_share * self.lists
+        """Whether a search of k candidates runs exact: with recall targets, when no check has
+        sized k yet or its nprobe would scan more than `exact_share` of the lists."""
+        return self.unsized(k) or (bool(self.target_1 or self.target_k)
+                                   and self.probes_for(k) > self.exact_share * self.lists)
 
     def _probe(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """faiss's search of the probed lists, sorted by (score, lower id)."""

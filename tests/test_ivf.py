@@ -129,6 +129,7 @@ def test_probes_needed_is_what_faiss_needs():
     for target_1, target_k in ((0.99, 0.0), (0.0, 0.9), (0.9, 0.95), (1.0, 1.0)):
         ivf.backend.target_1, ivf.backend.target_k = target_1, target_k
         needed = ivf.backend.probes_needed(q, want)
+        ivf.backend.target_1 = ivf.backend.target_k = 0.0  # faiss's own search at each nprobe (no sizing)
         first = None
         for p in range(1, 65):
             ivf.backend.index.nprobe = p
@@ -137,6 +138,7 @@ def test_probes_needed_is_what_faiss_needs():
                 first = p
                 break
         assert needed == first, (target_1, target_k)
+    ivf.backend.target_1 = ivf.backend.target_k = 1.0
     assert 1 < ivf.backend.probes_needed(q, want) <= 64
 
 
@@ -160,9 +162,12 @@ def test_recall_targets_set_nprobe_at_each_check():
     for i, (before, after) in enumerate(zip(checks, checks[1:])):  # each probes what the one before set:
         assert after["nprobe"] == before["nprobe_next"] == min(64, math.ceil(1.5 * max(needed[max(0, i - 7):i + 1])))
     assert all(c["nprobe"] >= math.ceil(1.5 * needed[1]) for c in checks[2:])  # 1.5 x the most of the last 8
-    for c in checks:  # the search met both targets exactly when it probed at least what the check found needed
+    # the first search (k not sized yet) ran exact; then the index, which met both targets exactly
+    # when it probed at least what the check found needed
+    assert [c["exact"] for c in checks] == [True] + [False] * (len(checks) - 1)
+    for c in checks:
         met = c["recall_at_1"] >= 0.99 and c["recall_at_k"] >= 0.95
-        assert met == (c["nprobe"] >= c["probes_needed"]), c
+        assert met == (c["exact"] or c["nprobe"] >= c["probes_needed"]), c
     assert adaptive.backend.stats()["nprobe"] == checks[-1]["nprobe_next"] > 1
     with pytest.raises(ValueError, match="ivf_check_every"):
         dataclasses.replace(base, ivf_check_every=0, ivf_target_recall_at_k=0.9)
@@ -205,7 +210,7 @@ def test_a_search_that_would_scan_many_lists_runs_exact_until_fewer_suffice():
                        ivf_target_recall_at_1=0.99, ivf_target_recall_at_k=1.0, ivf_exact_share=0.25)
     ivf, exact = memories(cfg, filled(keys))
     far = F.normalize(keys[:64] + 1.5 * unit(64, D, seed=1), dim=1)  # lies far from the keys
-    ivf.shard.search(far)  # probes 1 list; its check sizes nprobe for such queries
+    ivf.shard.search(far)  # k = 16 not sized yet: exact; its check sizes nprobe for such queries
     assert ivf.backend.stats()["nprobe"] > 0.25 * 64 and ivf.backend.searches_exactly(16)
     got, want = ivf.shard.search(far), exact.shard.search(far)
     assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["sims"], want["sims"])
@@ -213,10 +218,10 @@ def test_a_search_that_would_scan_many_lists_runs_exact_until_fewer_suffice():
         ivf.shard.search(F.normalize(keys[s * 64:(s + 1) * 64] + 0.3 * unit(64, D, seed=s), dim=1))
     stats = ivf.backend.stats()
     flags = [c["exact"] for c in stats["checks"]]
-    assert flags[0] is False and flags[1] is True and flags[-1] is False, flags
+    assert flags[0] is True and flags[1] is True and flags[-1] is False, flags
     assert stats["exact_searches"] == sum(flags) and stats["searches"] == len(flags) == 12
-    for c in stats["checks"]:  # exact exactly when the nprobe it would have used was above the share
-        assert c["exact"] == (c["nprobe"] > 0.25 * 64), c
+    for i, c in enumerate(stats["checks"]):  # then exact exactly when the nprobe it would use was above the share
+        assert c["exact"] == (i == 0 or c["nprobe"] > 0.25 * 64), c
         assert not c["exact"] or (c["recall_at_1"], c["recall_at_k"]) == (1.0, 1.0)
     with pytest.raises(ValueError, match="ivf_exact_share"):
         dataclasses.replace(cfg, ivf_exact_share=1.5)
@@ -245,7 +250,13 @@ def test_nprobe_is_sized_for_each_k_a_memory_is_searched_with():
     needs = {k: [c["probes_needed"] for c in checks[2:] if c["k"] == k] for k in (16, 1)}
     assert max(needs[1]) < min(needs[16])  # after the first pair, k = 1 always needed fewer lists
     assert ivf.backend.probes_for(16) > ivf.backend.probes_for(1)  # one shared window would give them the same
-    assert ivf.backend.probes_for(8) == max(ivf.backend.probes_for(16), 1)  # a k not seen: the most sized for any
+    # a k no check has sized yet searches exactly, and that search's check sizes it
+    q8 = F.normalize(keys[:32] + 1.5 * unit(32, D, seed=8), dim=1)
+    assert ivf.backend.searches_exactly(8) and 8 not in ivf.backend.probes
+    assert torch.equal(ivf.shard.search(q8, k=8)["ids"], exact.shard.search(q8, k=8)["ids"])
+    first8 = ivf.backend.stats()["checks"][-1]
+    assert (first8["k"], first8["exact"], first8["recall_at_k"]) == (8, True, 1.0)
+    assert ivf.backend.probes_for(8) == first8["nprobe_next"] == min(64, math.ceil(1.5 * first8["probes_needed"]))
     q = F.normalize(keys[:32] + 1.5 * unit(32, D, seed=0), dim=1)  # the k = 16 searches keep their recall
     got, want = ivf.shard.search(q)["ids"], exact.shard.search(q)["ids"]
     assert recall(got, want) >= 0.95
