@@ -319,8 +319,8 @@ def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_p
 
 def test_a_trained_run_loads_with_the_gates_snapped_as_asked(tmp_path):
     """snap is an inference setting: load_trained(run, snap=...) rounds the dcgru's gates of a run
-    trained without it (the job's test takes it from the run's config, as after --resume --snap),
-    with the same weights; None keeps the checkpoint's."""
+    trained without it, with the same weights; None takes the run's config.json (which --resume
+    RUN --snap rewrites), else the checkpoint's."""
     from distmem.models.neural_gpu import DCGRU
     from distmem.runs import RunStore
     from distmem.training import fit_local
@@ -335,6 +335,8 @@ def test_a_trained_run_loads_with_the_gates_snapped_as_asked(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), snapped.parameters()))
     with pytest.raises(ValueError, match="snap"):
         load_trained(str(tmp_path), snap=0.5)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, snap=0.2))))
+    assert load_trained(str(tmp_path))[1].snap == 0.2 and load_trained(str(tmp_path), snap=0.0)[1].snap == 0
 
 
 @pytest.mark.slow

@@ -229,7 +229,8 @@ def load_trained(run: str, checkpoint: str | None = None, averaged: bool = False
     """The model of a `jobs.neural_gpu` run folder (path or URI) and its config: the checkpoint
     given ("checkpoints/step-0002000"; `averaged`: its weights' moving average), else the one its
     test chose (metrics.json), else the latest; `snap`: the gates' rounding at inference (None:
-    the checkpoint's). A checkpoint that would run code when unpickled is refused (`CheckpointError`)."""
+    the run's config.json, which a --resume may have changed, else the checkpoint's). A checkpoint
+    that would run code when unpickled is refused (`CheckpointError`)."""
     import json  # noqa: PLC0415
 
     from distmem import checkpoints  # noqa: PLC0415
@@ -245,6 +246,8 @@ def load_trained(run: str, checkpoint: str | None = None, averaged: bool = False
         raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
     payload = checkpoints.load(store, checkpoint)
     cfg = from_dict(AlgorithmicRunConfig, payload["config"])
+    if snap is None and store.exists("config.json"):
+        snap = json.loads(store.read_text("config.json")).get("snap")
     if snap is not None:
         cfg = replace(cfg, snap=snap)
     model = NeuralGPU(cfg.model_config())
