@@ -19,11 +19,11 @@ current by the memory's in-place slot rewrites.
   candidates a search asks for: one memory may serve several (the rare-symbol protocol writes
   with k = 1, which needs few lists, and decodes with k = 256, which needs many). The first
   search for a k that no check has sized runs exact and is checked, which sizes it (another k's
-  figure says little of what this one needs). A
-  (re-)training moves every key to new lists, so the checks' figures no longer say what the next
-  search needs: right after it, the last search's first 32 queries are sized against the new
-  lists the same way (recorded in `stats()["sizings"]`, not as checks: no search used those
-  probes), and that figure joins the window.
+  figure says little of what this one needs). A (re-)training moves every key to new lists, so
+  the checks' figures no longer say what the next search needs: right after it, the last
+  search's first 32 queries are sized against the new lists the same way (recorded in
+  `stats()["sizings"]`, not as checks: no search used those probes), and that figure joins the
+  window.
 - Scanning many lists costs more than the exact search (faiss scans a list slot by slot; the
   exact search is one matrix product): with recall targets, a search whose sized nprobe exceeds
   `ivf_exact_share` of the lists runs the exact search instead. Its check still sizes nprobe from
@@ -96,7 +96,7 @@ class IvfBackend:
         self.total_writes = 0
         self.trainings = 0
         self.searches = 0
-        self.exact_searches = 0  # searches since the first training that ran exact (nprobe above exact_share)
+        self.exact_searches = 0  # searches since the first training that ran exact (see searches_exactly)
         self.checks: list[dict[str, float]] = []  # recall against the exact search, over the run
         self.sizings: list[dict[str, int]] = []  # nprobe sized right after each (re-)training
         self.needed: dict[int, list[int]] = {}  # by k: lists needed by the last RECENT_CHECKS checks and sizings
@@ -171,7 +171,7 @@ class IvfBackend:
     def search(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-k candidates of queries [B, d] by the probed lists: (sims [B, k], ids [B, k]),
         sorted by score, ties by the lower id; exact until the first training."""
-        if self.target_1 or self.target_k:  # for the sizing at the next (re-)training
+        if self.targeted:  # for the sizing at the next (re-)training
             self.recent = queries[:CHECK_QUERIES].detach().clone(), k
         if self.index is None:
             return self._exact.search(keys, queries, k)
@@ -188,9 +188,14 @@ class IvfBackend:
             self._check(keys, queries[:CHECK_QUERIES], ids[:CHECK_QUERIES], k, exact)
         return sims, ids
 
+    @property
+    def targeted(self) -> bool:
+        """Whether recall targets size nprobe (either target above 0)."""
+        return bool(self.target_1 or self.target_k)
+
     def unsized(self, k: int) -> bool:
         """With recall targets: no check or sizing has set nprobe for k yet."""
-        return bool(self.target_1 or self.target_k) and k not in self.probes
+        return self.targeted and k not in self.probes
 
     def probes_for(self, k: int) -> int:
         """nprobe for a search of k candidates: what the checks sized for k, else ivf_probe."""
@@ -199,8 +204,7 @@ class IvfBackend:
     def searches_exactly(self, k: int) -> bool:
         """Whether a search of k candidates runs exact: with recall targets, when no check has
         sized k yet or its nprobe would scan more than `exact_share` of the lists."""
-        return self.unsized(k) or (bool(self.target_1 or self.target_k)
-                                   and self.probes_for(k) > self.exact_share * self.lists)
+        return self.unsized(k) or (self.targeted and self.probes_for(k) > self.exact_share * self.lists)
 
     def _probe(self, keys: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """faiss's search of the probed lists, sorted by (score, lower id)."""
@@ -230,7 +234,7 @@ class IvfBackend:
         check = {"search": self.searches, "writes": self.total_writes, "trainings": self.trainings, "k": k,
                  "nprobe": int(self.index.nprobe), "exact": searched_exactly, "recall_at_1": at_1, "recall_at_k": at_k}
         self.checks = self.checks[-999:] + [check]
-        if self.target_1 or self.target_k:
+        if self.targeted:
             check["probes_needed"] = self.probes_needed(queries, exact)
             self._size(check["probes_needed"], k)
             check["nprobe_next"] = self.nprobe
