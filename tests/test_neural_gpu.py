@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from distmem import LocalMemory, MemoryConfig
-from distmem.models.neural_gpu import CGRU, DCGRU, NeuralGPU, NeuralGPUConfig, cutoff_sigmoid, hard_sigmoid
+from distmem.models.neural_gpu import (
+    CGRU,
+    DCGRU,
+    NeuralGPU,
+    NeuralGPUConfig,
+    cutoff_sigmoid,
+    hard_sigmoid,
+    saturation_cost,
+)
 
 IN, OUT = 6, 7
 
@@ -41,9 +49,9 @@ def test_a_cgru_cell_by_hand():
         cell.candidate.weight.fill_(e)
         cell.candidate.bias.fill_(f)
     s = torch.tensor([0.7, -0.4, 1.5]).view(1, 1, 1, 3)
-    out, cost = cell(s)
+    out, charged = cell(s)
     out = out.flatten().tolist()
-    assert cost == 0
+    assert charged == ()  # no saturation cost
     for x, y in zip(s.flatten().tolist(), out):
         u = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(a * x + b))) - 0.1))
         r = min(1.0, max(0.0, 1.2 / (1 + math.exp(-(c * x + d))) - 0.1))
@@ -56,11 +64,16 @@ def test_a_cgru_cell_by_hand():
 def test_a_diagonal_cgru_cell_by_hand():
     """Three channels (one kept, one shifted right, one shifted left), 1x1 kernels, one row:
     u = hσ(W_u s + b_u), r = hσ(W_r s + b_r), c = htanh(W_c (r s) + b_c), s'_i = u_i shift(s)_i + (1 - u_i) c_i,
-    and the saturation cost sums relu(|pre| - 0.9) of the three pre-activations over channels, mean over cells."""
+    and the saturation cost of its charged pre-activations sums relu(|pre| - 0.9) of the three
+    pre-activations over channels, mean over cells."""
     torch.manual_seed(0)
     cell = DCGRU(3, kernel=1, height=1)
     s = torch.tensor([[0.5, -0.2, 0.9, 0.1], [0.3, 0.8, -0.6, 0.4], [-0.7, 0.2, 0.6, -0.1]]).view(1, 3, 1, 4)
-    out, cost = cell(s)
+
+    def cost(charged):
+        return saturation_cost(torch.cat(charged, 1))
+
+    out, charged = cell(s)
     Wg, bg = cell.gates.weight[:, :, 0, 0], cell.gates.bias
     Wc, bc = cell.candidate.weight[:, :, 0, 0], cell.candidate.bias
     x = s[0, :, 0]  # (3, 4): channel, position
@@ -71,19 +84,20 @@ def test_a_diagonal_cgru_cell_by_hand():
     want = u * shifted + (1 - u) * pre.clamp(-1, 1)
     torch.testing.assert_close(out[0, :, 0], want)
     sat = ((g.abs() - 0.9).clamp(min=0).sum(0).mean() + (pre.abs() - 0.9).clamp(min=0).sum(0).mean())
-    torch.testing.assert_close(cost, sat)
+    torch.testing.assert_close(cost(charged), sat)
+    torch.testing.assert_close(cost(charged), saturation_cost(charged[0]) + saturation_cost(charged[1]))
     # biases start at u = 0.85, r = 0.75; a state within the linear range costs nothing
     torch.testing.assert_close(hard_sigmoid(bg), torch.tensor([0.85] * 3 + [0.75] * 3))
     with torch.no_grad():
         cell.gates.weight.zero_()
         cell.candidate.weight.zero_()
-    assert cell(s)[1] == 0
+    assert cost(cell(s)[1]) == 0
     # a kept gate (u = 1) moves the shifted channels along the tape, one position a step
     with torch.no_grad():
         cell.gates.bias.fill_(5.0)
     moved, _ = cell(s)
     torch.testing.assert_close(moved[0, :, 0], shifted)
-    assert cell(s)[1] > 0  # a bias of 5 is saturated
+    assert cost(cell(s)[1]) > 0  # a bias of 5 is saturated
 
 
 def test_snap_rounds_update_gates_near_0_or_1_at_inference_only():

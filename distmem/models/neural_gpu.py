@@ -116,8 +116,9 @@ def cutoff_sigmoid(x: Tensor, cutoff: float = 1.2) -> Tensor:
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
-    """clip(x / 2 + 1/2, 0, 1): the improved Neural GPU's gate."""
-    return torch.clamp(0.5 * x + 0.5, 0.0, 1.0)
+    """clip(x / 2 + 1/2, 0, 1): the improved Neural GPU's gate (torch's hardsigmoid, clip(y / 6 + 1/2,
+    0, 1), of y = 3x: two ops a use instead of three)."""
+    return F.hardsigmoid(3.0 * x)
 
 
 def snap_gate(u: Tensor, snap: float) -> Tensor:
@@ -125,10 +126,22 @@ def snap_gate(u: Tensor, snap: float) -> Tensor:
     return torch.where(u < snap, 0.0, torch.where(u > 1.0 - snap, 1.0, u))
 
 
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """F.dropout's function (in training, each value zeroed with probability p, the rest scaled by
+    1 / (1 - p)), its mask drawn as 24-bit integers: torch's CPU bernoulli draws about 4x slower
+    (measured), and a step of the Neural GPU draws one mask per cell use."""
+    if not training or p == 0:
+        return x
+    draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_(0, 1 << 24)
+    keep = (draws >= round(p * (1 << 24))).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep
+
+
 def saturation_cost(pre: Tensor, limit: float = 0.9) -> Tensor:
     """Freivalds & Liepins' cost of a hard non-linearity's inputs pre [B, c, h, n]: relu(|pre| - limit)
     summed over the channels, averaged over the cells. It keeps the inputs near the range where
-    the hard gates still pass a gradient."""
+    the hard gates still pass a gradient. The sum of the costs of several such tensors of one
+    shape but their channels is the cost of their concatenation along the channels."""
     return torch.relu(pre.abs() - limit).sum(1).mean()
 
 
@@ -139,8 +152,8 @@ def _kernel(kernel: int, height: int) -> tuple[int, int]:
 
 class CGRU(nn.Module):
     """Convolutional GRU: s [B, m, h, n] (and extra [B, e, h, n], the decoder's output tape,
-    joined to every convolution's input) -> (s' [B, m, h, n], saturation cost: 0 here):
-    u = σ'(conv_u(s)), r = σ'(conv_r(s)), s' = u * s + (1 - u) * tanh(conv(r * s))."""
+    joined to every convolution's input) -> (s' [B, m, h, n], the pre-activations the saturation
+    cost charges: none here): u = σ'(conv_u(s)), r = σ'(conv_r(s)), s' = u * s + (1 - u) * tanh(conv(r * s))."""
 
     def __init__(self, nmaps: int, kernel: int = 3, cutoff: float = 1.2, extra: int = 0,
                  gate_bias: float = 1.0, height: int = 4) -> None:
@@ -152,10 +165,10 @@ class CGRU(nn.Module):
         nn.init.constant_(self.gates.bias, gate_bias)  # start by keeping the state (the public code: 1.0)
         nn.init.zeros_(self.candidate.bias)
 
-    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         u, r = cutoff_sigmoid(self.gates(s if extra is None else torch.cat([s, extra], 1)), self.cutoff).chunk(2, 1)
         c = torch.tanh(self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1)))
-        return u * s + (1 - u) * c, s.new_zeros(())
+        return torch.lerp(c, s, u), ()  # u * s + (1 - u) * c
 
 
 class DCGRU(CGRU):
@@ -165,7 +178,8 @@ class DCGRU(CGRU):
     channels one position right and the last third one position left (zeros enter at the ends):
     a gate that keeps the state also carries it along the tape, one position a step. Dropout
     (training) applies to c; `snap` (inference) rounds u within it of 0 or 1. Returns (s', the
-    saturation cost of the three pre-activations)."""
+    pre-activations the saturation cost charges: those of the gates [B, 2m, h, n] and of the
+    candidate [B, m, h, n]); the model charges a whole pass's at once (`saturation_cost`)."""
 
     def __init__(self, nmaps: int, kernel: int = 3, extra: int = 0, height: int = 1, dropout: float = 0.0,
                  snap: float = 0.0) -> None:
@@ -173,25 +187,31 @@ class DCGRU(CGRU):
         self.third = nmaps // 3
         self.dropout = dropout
         self.snap = snap
+        self._moves: dict[tuple[int, torch.device], Tensor] = {}  # shift's source index per tape length
         with torch.no_grad():  # the public code's starting biases: u = 0.85, r = 0.75
             self.gates.bias[:nmaps] = 0.7
             self.gates.bias[nmaps:] = 0.5
 
     def shift(self, s: Tensor) -> Tensor:
-        """s [B, m, h, n] with channels m - 2t..m - t - 1 moved one position right, m - t..m - 1 one left."""
-        t, m = self.third, s.shape[1]
-        right = F.pad(s[:, m - 2 * t:m - t, :, :-1], (1, 0))
-        left = F.pad(s[:, m - t:, :, 1:], (0, 1))
-        return torch.cat([s[:, :m - 2 * t], right, left], 1)
+        """s [B, m, h, n] with channels m - 2t..m - t - 1 moved one position right, m - t..m - 1 one left
+        (one gather from the tape padded with a zero at either end: fewer ops than slices and a cat)."""
+        B, m, h, n = s.shape
+        index = self._moves.get((n, s.device))
+        if index is None:
+            offset = torch.ones(m, dtype=torch.int64, device=s.device)  # padded[j + 1] = s[j]: kept
+            offset[m - 2 * self.third:m - self.third] = 0  # s[j - 1]: moved right
+            offset[m - self.third:] = 2  # s[j + 1]: moved left
+            index = self._moves[(n, s.device)] = (torch.arange(n, device=s.device) + offset[:, None])[None, :, None]
+        return F.pad(s, (1, 1)).gather(-1, index.expand(B, m, h, n))
 
-    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         gates = self.gates(s if extra is None else torch.cat([s, extra], 1))
         u, r = hard_sigmoid(gates).chunk(2, 1)
         if self.snap > 0 and not self.training:
             u = snap_gate(u, self.snap)
         pre = self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1))
-        c = F.dropout(torch.clamp(pre, -1.0, 1.0), self.dropout, self.training)
-        return u * self.shift(s) + (1 - u) * c, saturation_cost(gates) + saturation_cost(pre)
+        c = dropout(torch.clamp(pre, -1.0, 1.0), self.dropout, self.training)
+        return torch.lerp(c, self.shift(s), u), (gates, pre)  # u * shift(s) + (1 - u) * c
 
 
 @dataclass
@@ -246,33 +266,47 @@ class NeuralGPU(nn.Module):
             return DCGRU(c.nmaps, c.kernel, extra=extra, height=c.height, dropout=c.dropout, snap=c.snap)
         return CGRU(c.nmaps, c.kernel, c.cutoff, extra=extra, gate_bias=c.gate_bias, height=c.height)
 
-    def _steps(self, cells: nn.ModuleList, s: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One step: every cell once over the tape. Returns (s, the cells' summed saturation cost)."""
+    def _steps(self, cells: nn.ModuleList, s: Tensor, extra: Tensor | None = None,
+               charged: list[Tensor] | None = None) -> Tensor:
+        """One step: every cell once over the tape; their charged pre-activations go to `charged`
+        (None: nowhere, as at inference and without a saturation cost)."""
         if self.cfg.cell == "cgru":  # the dcgru drops out its candidate instead
-            s = F.dropout(s, self.cfg.dropout, self.training)
-        cost = s.new_zeros(())
+            s = dropout(s, self.cfg.dropout, self.training)
         for cell in cells:
-            s, c = cell(s, extra)
-            cost = cost + c
-        return s, cost
+            s, pre = cell(s, extra)
+            if charged is not None:
+                charged.extend(pre)
+        return s
+
+    def _charged(self) -> list[Tensor] | None:
+        """A list to collect a pass's charged pre-activations in; None when the loss has no saturation cost."""
+        return [] if self.cfg.saturation > 0 else None
+
+    def _saturation(self, charged: list[Tensor] | None, cost: Tensor, uses: int) -> Tensor:
+        """The weighted saturation cost: (cost + the cost of every charged pre-activation) / uses, in
+        one concatenation rather than one cost per cell use (ops a step: docs/experiments.md)."""
+        if not charged:
+            return cost.new_zeros(())
+        return self.cfg.saturation * (cost + saturation_cost(torch.cat(charged, 1))) / uses
 
     def encode(self, src: Tensor) -> Tensor:
         """src [B, n] -> the final tape [B, m, h, n] after n steps."""
         return self._encode(src)[0]
 
-    def _encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """(the final tape [B, m, h, n], the saturation cost summed over the cells' n * nconvs uses)."""
+    def _encode(self, src: Tensor, charged: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(the final tape [B, m, h, n], the saturation cost of the embedded input; the cells' charged
+        pre-activations of their n * nconvs uses go to `charged`)."""
         check_tokens("src", src, self.cfg.in_vocab)
         B, n = src.shape
         s = self.embed(src).transpose(1, 2)[:, :, None]  # (B, m, 1, n): row 0
         cost = s.new_zeros(())
         if self.cfg.cell == "dcgru":  # hard non-linearities throughout
-            cost = saturation_cost(s)
+            if charged is not None:
+                cost = saturation_cost(s)
             s = torch.clamp(s, -1.0, 1.0)
         s = F.pad(s, (0, 0, 0, self.cfg.height - 1))     # rows 1..h-1: zeros
         for _ in range(n):
-            s, c = self._steps(self.encoder, s)
-            cost = cost + c
+            s = self._steps(self.encoder, s, charged=charged)
         return s, cost
 
     def _logits(self, row: Tensor, value: Tensor | None = None, confidence: Tensor | None = None) -> Tensor:
@@ -309,7 +343,8 @@ class NeuralGPU(nn.Module):
         B, n = src.shape
         if tgt is not None:
             self._check_targets(src, tgt)
-        s, cost = self._encode(src)
+        charged = self._charged()
+        s, cost = self._encode(src, charged)
         uses = n * self.cfg.nconvs  # cell applications, for the saturation cost's mean
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0].transpose(1, 2))  # (B, n, V)
@@ -317,16 +352,16 @@ class NeuralGPU(nn.Module):
                 tgt = F.pad(tgt, (0, n - tgt.shape[1]))
             value = torch.full((B, n), -1, dtype=torch.int64, device=src.device)
             return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), None, value,
-                                   torch.zeros(B, n, device=src.device), self.cfg.saturation * cost / uses)
+                                   torch.zeros(B, n, device=src.device), self._saturation(charged, cost, uses))
         if tgt is None:
             raise ValueError("tgt: the Extended Neural GPU's teacher-forced pass needs the targets [B, T]")
-        _, logits, value, confidence, queries, decoder_cost = self._decode(s, tgt.shape[1], memory, forced=tgt)
+        _, logits, value, confidence, queries = self._decode(s, tgt.shape[1], memory, forced=tgt, charged=charged)
         uses += tgt.shape[1] * self.cfg.nconvs
         read = None
         if queries is not None:  # one read of every query: the memory loss and the write's plan
             read = memory.read(*self._labelled(queries, tgt))
         return NeuralGPUOutput(logits, _ce(logits, tgt, self.cfg.pad), read, value, confidence,
-                               self.cfg.saturation * (cost + decoder_cost) / uses)
+                               self._saturation(charged, cost, uses))
 
     @torch.no_grad()
     def teacher_forced_queries(self, src: Tensor, tgt: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
@@ -367,19 +402,18 @@ class NeuralGPU(nn.Module):
         tokens, logits, *_ = self._decode(s, T, memory, forced)
         return tokens, logits
 
-    def _decode(self, s: Tensor, T: int, memory: Memory | None,
-                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    def _decode(self, s: Tensor, T: int, memory: Memory | None, forced: Tensor | None,
+                charged: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The extended model's T decoder steps from the encoder's tape s: each output onto p is
         forced[:, t] (teacher forcing) or the argmax. Returns tokens [B, T], logits [B, T, V], the
         memory's values [B, T] (-1: none) and confidences [B, T], its queries [T, B, m] (None
-        without a memory), and the cells' summed saturation cost."""
+        without a memory); the cells' charged pre-activations go to `charged`."""
         B = s.shape[0]
         d, p = s, torch.zeros_like(s)
         use_memory = self.cfg.use_memory and memory is not None
         # output t's memory value and confidence (lists: the logits keep each step's for backward)
         none = torch.full((B,), -1, dtype=torch.int64, device=s.device), torch.zeros(B, device=s.device)
         value, confidence, tokens, logits, queries = [], [], [], [], []
-        cost = s.new_zeros(())
         for t in range(T):
             for position in ((0, 1) if t == 0 else (t + 1,)):  # before step t: position t + 1 (step 0: also 0)
                 if position >= T:
@@ -391,13 +425,12 @@ class NeuralGPU(nn.Module):
                     v, c = none
                 value.append(v)
                 confidence.append(c)
-            d, c = self._steps(self.decoder, d, p)
-            cost = cost + c
+            d = self._steps(self.decoder, d, p, charged)
             logits.append(self._logits(d[:, :, 0, t], value[t], confidence[t]))
             tokens.append(logits[-1].argmax(-1) if forced is None else forced[:, t])
             p = self._place(p, t, self.target_embed(tokens[-1]))
         return (torch.stack(tokens, 1), torch.stack(logits, 1), torch.stack(value, 1), torch.stack(confidence, 1),
-                torch.stack(queries) if queries else None, cost)
+                torch.stack(queries) if queries else None)
 
 
     def _recall(self, d: Tensor, p: Tensor, position: int,
@@ -436,7 +469,7 @@ class NeuralGPU(nn.Module):
             value_t, confidence_t = value, confidence
             if use_memory and t + 1 < T:
                 p, value, confidence, _ = self._recall(d, p, t + 1, memory)
-            d, _ = self._steps(self.decoder, d, p)
+            d = self._steps(self.decoder, d, p)
             logp = torch.log_softmax(self._logits(d[:, :, 0, t], value_t, confidence_t), -1)  # (B * beam, V)
             V = logp.shape[-1]
             score, flat = (score[:, :, None] + logp.view(B, beam, V)).view(B, -1).topk(beam, dim=1)
