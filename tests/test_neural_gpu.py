@@ -172,6 +172,28 @@ def test_the_saturation_cost_joins_the_loss_with_its_weight():
         assert model(extended=extended).forward(src, tgt).saturation == 0  # the cgru has none
 
 
+def test_the_saturation_cost_of_a_pass_is_the_mean_of_every_cell_use_s_cost():
+    """The model charges a whole pass's pre-activations at once; the oracle sums each cell use's
+    own cost (recorded by hooks) and the embedded input's, over the n * nconvs (+ T * nconvs) uses."""
+    src, tgt = tokens(3, 5, IN), tokens(3, 4, OUT, seed=1)
+    for extended in (False, True):
+        net = model(extended=extended, cell="dcgru", saturation=0.5)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(4)
+        uses = []
+        hooks = [cell.register_forward_hook(lambda _m, _i, out, uses=uses: uses.append(out[1]))
+                 for cell in net.modules() if isinstance(cell, DCGRU)]
+        out = net(src, tgt)
+        for hook in hooks:
+            hook.remove()
+        assert len(uses) == 2 * (5 + (4 if extended else 0))
+        embedded = net.embed(src).transpose(1, 2)[:, :, None]  # row 0 of the tape, before its clip
+        want = saturation_cost(embedded) + sum(saturation_cost(pre) for gates_pre in uses for pre in gates_pre)
+        torch.testing.assert_close(out.saturation, 0.5 * want / len(uses))
+        assert out.saturation > 0
+
+
 def _memory(size=64, k=4) -> LocalMemory:
     return LocalMemory(MemoryConfig(size=size, key_dim=8, k=k, age_noise=0.0), device="cpu")
 
