@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.backends import TorchExactBackend, import_faiss
@@ -75,10 +76,10 @@ def write_results(args: argparse.Namespace, name: str, results: dict) -> None:
         print(f"results in {store.uri}/results.json")
 
 
-def filled_state(size: int, dim: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """A full memory of random unit keys: the steady state of a long run."""
+def filled_state(size: int, dim: int, classes: int, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A full memory of random unit keys (drawn on `device`): the steady state of a long run."""
     g = torch.Generator().manual_seed(seed)
-    return {"keys": random_keys(size, dim, seed),
+    return {"keys": random_keys(size, dim, seed, device=device),
             "values": torch.randint(0, classes, (size,), generator=g),
             "ages": torch.randint(0, 10_000, (size,), generator=g)}
 
@@ -96,9 +97,11 @@ def problem_parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def problem(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(a filled memory state, unit queries [B, d], labels [B]) for the benchmark's shape."""
-    state = filled_state(args.size, args.dim, classes=args.size // 4, seed=0)
+def problem(args: argparse.Namespace, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Tensor, Tensor]:
+    """(a filled memory state with its keys on `device`, unit queries [B, d], labels [B]) for the
+    benchmark's shape."""
+    # a GPU draws its own keys: 64M drawn on the CPU would take a minute and 32 GiB of host memory
+    state = filled_state(args.size, args.dim, classes=args.size // 4, seed=0, device=device)
     g = torch.Generator().manual_seed(1)
     q = F.normalize(torch.randn(args.batch, args.dim, generator=g), dim=1)
     return state, q, torch.randint(0, args.size // 4, (args.batch,), generator=g)
@@ -147,12 +150,15 @@ def structured_keys(written: torch.Tensor, size: int, noise: float, seed: int,
     return out
 
 
-def random_keys(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(size, dim, dtype=dtype)
+def random_keys(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """size uniformly random unit keys [size, dim] of `dtype` on `device` (a GPU draws other keys
+    than the CPU for the same seed)."""
+    g = torch.Generator(device).manual_seed(seed)
+    out = torch.empty(size, dim, dtype=dtype, device=device)
     for start in range(0, size, 1 << 20):
         n = min(1 << 20, size - start)
-        out[start:start + n] = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+        out[start:start + n] = F.normalize(torch.randn(n, dim, generator=g, device=device), dim=1)
     return out
 
 
@@ -251,13 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     sync = device.type == "cuda"
-    state, q, labels = problem(args)
+    state, q, labels = problem(args, args.device)
 
     runs = {}
     if not args.no_bare:
         index = faiss.IndexFlatIP(args.dim)
-        index.add(state["keys"].numpy())
-        xq, keys_np = q.numpy(), state["keys"].numpy()
+        xq, keys_np = q.numpy(), state["keys"].cpu().numpy()
+        index.add(keys_np)
         runs = {"bare faiss IndexFlatIP.search": lambda: index.search(xq, args.k),
                 "bare faiss.knn (its kernel)": lambda: faiss.knn(xq, keys_np, args.k,
                                                                  metric=faiss.METRIC_INNER_PRODUCT)}
@@ -273,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": vars(args), "runs": interleaved(runs, args.repeats, sync)}
     for name, row in results["runs"].items():
         print(f"{name:<36} {row['median_s'] * 1e3:9.1f} ms   ratio {row['ratio']:.2f}")
+    if sync:
+        results["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        print(f"peak GPU memory {results['peak_gpu_gib']:.1f} GiB (the benchmark's keys included)")
     write_results(args, "bench-memory", results)
     return results
 

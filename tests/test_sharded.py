@@ -373,3 +373,16 @@ def test_a_checkpoint_through_a_uri_moves_only_what_each_process_needs(sharded_c
     for got, needed in zip(shard_read, [part_bytes[0], sum(part_bytes), part_bytes[1]]):
         assert needed <= got < needed + min(part_bytes) / 2, (shard_read, part_bytes)
     assert driver_read < 1_000_000, driver_read  # the manifest (and Ray's own messages), no part
+
+
+def test_shards_take_a_gpu_each_or_share_whole_gpus_evenly():
+    from distmem.distributed.cluster import gpu_share
+
+    assert gpu_share(0, 2) == 0 and gpu_share(0.5, 1) == 0  # no whole GPU: the shards run on CPUs
+    assert gpu_share(4, 2) == gpu_share(2, 2) == 1
+    assert gpu_share(1, 2) == 0.5 and gpu_share(3, 4) == 0.5 and gpu_share(1, 3) == pytest.approx(1 / 3)
+    for gpus in range(1, 9):
+        for shards in range(1, 17):
+            per_gpu = round(1 / gpu_share(gpus, shards))  # shards on one GPU
+            assert per_gpu * gpus >= shards  # they all fit
+            assert per_gpu == 1 or (per_gpu - 1) * gpus < shards  # and share no more than they must

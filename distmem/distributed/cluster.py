@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from typing import Any
@@ -61,12 +62,22 @@ def init_on_loopback(**init_kwargs: Any) -> None:
                  **init_kwargs)
 
 
-def spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: bool, detached: bool,
-                   timeout_s: float = 60.0) -> PlacementGroup:
+def gpu_share(gpus: float, num_shards: int) -> float:
+    """The GPUs each of `num_shards` shards takes on a cluster of `gpus` GPUs: one each when there
+    are enough, else an equal share (1/2, 1/3, ...) so that the shards fill whole GPUs (a
+    fractional request must fit on one GPU); 0 without a GPU."""
+    whole = int(gpus)
+    if whole < 1:
+        return 0.0
+    return 1.0 if whole >= num_shards else 1.0 / math.ceil(num_shards / whole)
+
+
+def spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], gpu: float, detached: bool,
+                  timeout_s: float = 60.0) -> PlacementGroup:
     """A SPREAD placement group with one bundle per shard: its slots' bytes of the `memory`
-    resource, plus one GPU when `use_gpu`. Fails with a clear error when the cluster cannot hold it."""
+    resource, plus `gpu` GPUs (see `gpu_share`). Fails with a clear error when the cluster cannot hold it."""
     per_slot = config.key_dim * DTYPES[config.key_dtype].itemsize + 3 * 8
-    bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": 1.0} if use_gpu else {})}
+    bundles = [{"memory": max(1, (hi - lo) * per_slot), **({"GPU": gpu} if gpu else {})}
                for lo, hi in ranges]
     group = placement_group(bundles, strategy="SPREAD", **({"lifetime": "detached"} if detached else {}))
     try:
@@ -74,6 +85,6 @@ def spread_shards(config: MemoryConfig, ranges: list[tuple[int, int]], use_gpu: 
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RuntimeError(f"num_shards: the cluster could not place {len(ranges)} shards of "
-                           f"{bundles[0]['memory'] / 2**30:.2f} GiB{' and one GPU' if use_gpu else ''} each within "
+                           f"{bundles[0]['memory'] / 2**30:.2f} GiB{f' and {gpu:g} GPU' if gpu else ''} each within "
                            f"{timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})") from None
     return group

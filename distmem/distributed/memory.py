@@ -37,7 +37,7 @@ from torch import Tensor
 from distmem import merge, storage
 from distmem.backends import BACKENDS, import_faiss
 from distmem.config import MemoryConfig
-from distmem.distributed.cluster import NAMESPACE, connect, spread_shards
+from distmem.distributed.cluster import NAMESPACE, connect, gpu_share, spread_shards
 from distmem.memory import MemoryBase
 from distmem.merge import MemoryRead, WriteRequest
 from distmem.rules import RecentSlots, ShardWrite
@@ -406,25 +406,24 @@ class ShardedMemory(MemoryBase):
             raise ValueError(f"name: a memory called {name!r} already exists; attach to it with "
                              f"ShardedMemory.attach({name!r}, rank) or pick another name")
         root = Path(storage) if storage is not None else Path(tempfile.mkdtemp(prefix=f"distmem-{name}-"))
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = gpus >= num_shards
+        gpu = gpu_share(ray.cluster_resources().get("GPU", 0), num_shards)
         threads = max(1, (os.cpu_count() or 1) // num_shards)
         lifetime = {"lifetime": "detached"} if detached else {}
         ranges = shard_ranges(config.size, num_shards)
         # Shards spread over the nodes through a SPREAD placement group: one bundle per shard that
-        # reserves its key memory (and one GPU where there are GPUs). When a node is lost, Ray
+        # reserves its key memory (and its GPU share where there are GPUs). When a node is lost, Ray
         # reschedules its bundles on the other nodes and the shards restart there from their
         # snapshots and logs. (Soft node affinity was tried first: it put both shards of a
         # submitted job on one node in 2 of 3 runs.) The coordinator stays on this node (a
         # submitted job's driver runs on the head), so losing a worker node costs only shards.
-        self._placement_group = spread_shards(config, ranges, use_gpu, detached)
+        self._placement_group = spread_shards(config, ranges, gpu, detached)
         actor = ray.remote(ShardActor)
         shard_names = [f"{name}.shard-{i}" for i in range(num_shards)]
-        shards = [actor.options(num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
+        shards = [actor.options(num_cpus=0, num_gpus=gpu, max_restarts=-1, max_task_retries=-1,
                                 name=shard_names[i], namespace=NAMESPACE, **lifetime,
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                                     self._placement_group, placement_group_bundle_index=i))
-                  .remote(config, lo, hi, backend, "cuda" if use_gpu else "cpu",
+                  .remote(config, lo, hi, backend, "cuda" if gpu else "cpu",
                           str(root / f"shard-{i:04d}"), snapshot_every, threads)
                   for i, (lo, hi) in enumerate(ranges)]
         # the coordinator's process starts beside the shards' (a named actor is registered when

@@ -90,7 +90,7 @@ def fit(task: Task, store: RunStore, address: str | None = None, memory_storage:
         cpus = schedule.cpus_per_worker or (free // workers if free >= workers else free / workers)
         gpus = resources.get("GPU", 0)
         shards = len(memory.shards) if memory is not None else 0
-        gpus -= shards if gpus >= shards else 0  # the memory's shards take theirs first
+        gpus -= shards if gpus >= shards else gpus  # the memory's shards take theirs first (all, when they share)
         use_gpu = gpus >= schedule.workers
         datasets = None
         if source is not None:
