@@ -47,7 +47,9 @@ def encode(keys: Tensor, dtype: torch.dtype) -> Tensor:
 def decode(stored: Tensor) -> Tensor:
     """Stored keys [..., d] -> float32 keys."""
     if stored.dtype == torch.int8:
-        return stored.float().div_(INT8_SCALE)  # float() copies: dividing in place spares a second copy
+        # float() copies, so scaling in place spares a second copy; a product with the reciprocal,
+        # which is what a GPU computes for a division by a number, so both devices decode alike
+        return stored.float().mul_(1 / INT8_SCALE)
     return stored.float()
 
 
@@ -125,10 +127,11 @@ class KeyCodec:
         self.writes = 0
         if lo is None:  # nothing written: the ranges stay
             return
+        lo, hi = lo.cpu(), hi.cpu()  # a GPU divides by 254 as a product with its reciprocal: other ranges
         pad = RANGE_MARGIN * (hi - lo)
         lo, hi = (lo - pad).clamp(min=-1.0), (hi + pad).clamp(max=1.0)
-        self.step = ((hi - lo) / 254).clamp(min=1e-6)  # a constant dimension still gets a step
-        self.offset = (lo + hi) / 2
+        self.step = ((hi - lo) / 254).clamp(min=1e-6).to(self.device)  # a constant dimension still gets a step
+        self.offset = ((lo + hi) / 2).to(self.device)
         self.fits += 1
 
     @staticmethod

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from distmem import LocalMemory, MemoryConfig
 
-from conftest import state_equal, unit
+from conftest import unit
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -94,6 +94,12 @@ def test_two_gpu_shards_equal_the_local_memory(ray_local):
             q, y = unit(64, 16, seed=s), torch.randint(0, 40, (64,), generator=torch.Generator().manual_seed(s))
             got, want = mem.step(q, y), local.step(q.cuda(), y.cuda())
             assert torch.equal(got.ids.cpu(), want.ids.cpu())
-        assert state_equal(mem.state(), local.state())
+        got, want = mem.state(), local.state()
+        assert got.keys() == want.keys()
+        for name in got:  # a hit's new key is normalised by the writer on its CPU here, on the GPU there
+            if name == "keys":
+                torch.testing.assert_close(got[name], want[name].cpu(), rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(got[name], want[name].cpu()), name
     finally:
         mem.shutdown()
