@@ -14,7 +14,7 @@ mkdir -p "$(dirname "$out")"
 log() { echo "$*" | tee -a "$out"; }
 run() { log "\$ $*"; local t0=$SECONDS; "$@" 2>&1 | tee -a "$out"; log "(exit ${PIPESTATUS[0]}, $((SECONDS - t0)) s)"; }
 
-log "# distmem GPU check, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "# distmem GPU check, $(date -u +%FT%TZ)"
 run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run "$py" -c "import torch, faiss; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'faiss', faiss.__version__, 'faiss GPUs', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0)"
