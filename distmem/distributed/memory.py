@@ -1,8 +1,9 @@
 """`ShardedMemory`: one memory partitioned over Ray actors.
 
 - Shard actors (`ShardActor`) are thin shells over `MemoryShard`, one contiguous slot range each,
-  one GPU each where the cluster has GPUs. They restart after a crash (`max_restarts`) from their
-  snapshot plus write log, and calls to them are retried (`max_task_retries`).
+  on GPUs where the cluster has them (one each, or an equal share of one: `gpu_share`). They
+  restart after a crash (`max_restarts`) from their snapshot plus write log, and calls to them
+  are retried (`max_task_retries`).
 - Readers call every shard at once and merge on the caller (`distmem.merge.read`).
 - A step's writes go through a named coordinator actor, which waits for all `num_writers` writers,
   concatenates their batches in rank order, takes the globally oldest slots from the shards'
