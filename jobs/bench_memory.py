@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from distmem import LocalMemory, MemoryConfig
 from distmem.backends import TorchExactBackend, import_faiss
@@ -97,7 +96,8 @@ def problem_parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def problem(args: argparse.Namespace, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Tensor, Tensor]:
+def problem(args: argparse.Namespace,
+            device: str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(a filled memory state with its keys on `device`, unit queries [B, d], labels [B]) for the
     benchmark's shape."""
     # a GPU draws its own keys: 64M drawn on the CPU would take a minute and 32 GiB of host memory
