@@ -24,14 +24,18 @@ def ordered_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Returns (values [R, k], indices [R, k] int64), each row sorted by (value desc, index asc).
     """
-    values, idx = torch.topk(scores, k, dim=1, sorted=False)
-    kth = values.min(dim=1, keepdim=True).values  # [R, 1] smallest kept score
-    # Rows where some equal-to-kth score was left out may have kept a higher index: redo them.
-    n_tied_all = (scores == kth).sum(dim=1)
-    n_tied_kept = (values == kth).sum(dim=1)
-    bad = (n_tied_all != n_tied_kept).nonzero().squeeze(1)
+    R, C = scores.shape
+    if k == C:
+        return sort_by_score_then_id(scores, torch.arange(C, device=scores.device).expand(R, C))
+    # one more than asked: where the (k+1)-th score is below the k-th, every score equal to the k-th
+    # was kept, so only rows with a tie at the boundary need a pass over the whole row
+    values, idx = torch.topk(scores, k + 1, dim=1, sorted=False)
+    two = torch.topk(values, 2, dim=1, largest=False).values  # [R, 2]: the (k+1)-th and k-th scores
+    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, values.argmin(dim=1, keepdim=True), False)
+    values, idx = values[keep].view(R, k), idx[keep].view(R, k)
+    bad = (two[:, 0] == two[:, 1]).nonzero().squeeze(1)
     if bad.numel():
-        s, t = scores[bad], kth[bad]
+        s, t = scores[bad], two[bad, 1:]
         above, tied = s > t, s == t
         room = k - above.sum(dim=1, keepdim=True)
         take = above | (tied & (tied.cumsum(dim=1) <= room))

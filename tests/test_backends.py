@@ -79,6 +79,21 @@ def test_ordered_topk_breaks_ties_by_lower_index():
     assert idx.tolist() == [[1, 2, 4]] and vals.tolist() == [[3.0, 3.0, 3.0]]
 
 
+@pytest.mark.parametrize("levels", [3, 40, 0])
+def test_ordered_topk_equals_a_sort_by_score_then_index(levels):
+    """Against Python's sort of (-score, index) on rows with many ties (scores from `levels` values,
+    so the k-th score is often tied across the boundary) and without (0: continuous scores), for
+    every k from 1 to C."""
+    gen = torch.Generator().manual_seed(levels)
+    C = 37
+    scores = (torch.randint(0, levels, (50, C), generator=gen).float() if levels
+              else torch.randn(50, C, generator=gen))
+    for k in range(1, C + 1):
+        vals, idx = ordered_topk(scores, k)
+        want = [sorted(range(C), key=lambda j, row=row: (-row[j], j))[:k] for row in scores.tolist()]
+        assert idx.tolist() == want and torch.equal(vals, scores.gather(1, idx)), k
+
+
 @pytest.mark.parametrize("key_dtype", ["float16", "bfloat16", "int8", "int8_dim"])
 def test_compressed_keys(key_dtype, tmp_path):
     from distmem import LocalMemory, MemoryConfig
