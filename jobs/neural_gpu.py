@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from distmem import checkpoints
 from distmem.cli import follow, open_run, parse_run_config, user_errors
 from distmem.plots import line_plot
 from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask
-from distmem.tasks.algorithmic.task import load_trained, score_part, select_checkpoint
+from distmem.tasks.algorithmic.task import (
+    averaged_steps,
+    load_trained,
+    score_part,
+    score_validation,
+    select_checkpoint,
+)
 
 
 def plot_generalisation(accuracy: dict[int, float], path: Path, title: str, trained_to: int) -> None:
@@ -35,6 +42,24 @@ def plot_generalisation(accuracy: dict[int, float], path: Path, title: str, trai
         ax.set_xticks(lengths, [str(n) for n in lengths])  # the test's lengths, not log-scale minor labels
         ax.minorticks_off()
         ax.set_ylim(-3, 103)
+
+
+def score_snap_grid(store, cfg: AlgorithmicRunConfig, evals: list[dict], saved: dict[int, str],
+                    cpus: int) -> dict[tuple[int, float], float]:
+    """Validation accuracy of every validated weights' average with each rounding of cfg.snap_grid
+    (but the run's own, which its evals scored): (step, rounding) -> %, one Ray task each."""
+    from distmem.distributed import map_tasks  # imports Ray
+
+    items = [(step, u) for step in averaged_steps(evals, set(saved), cfg.validation_length)
+             for u in cfg.snap_grid if u != cfg.snap]
+    if not items:
+        return {}
+    started = time.time()
+    scores = map_tasks(partial(score_validation, store.uri, cfg, cpus), [(saved[step], u) for step, u in items],
+                       cpus=cpus, desc="roundings on validation")
+    print(f"{len(items)} roundings of the averages scored at validation length {cfg.validation_length} "
+          f"in {time.time() - started:.0f} s")
+    return dict(zip(items, scores, strict=True))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,16 +82,18 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     # the model to test: the best at the validation length (fresh instances the test never draws), else the last
     saved = {step: name for step in {int(e["step"]) for e in trained["evals"]}
              if (name := checkpoints.at_step(store, step))}
-    chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length)
-    tested_step, averaged = chosen if chosen is not None else (trained["step"], False)
+    parts, cpus = cfg.workers, max(1, cfg.cpus_per_worker)  # the trainers' CPUs are free now
+    snapped = score_snap_grid(store, cfg, trained["evals"], saved, cpus)
+    chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length, snapped, cfg.snap)
+    tested_step, averaged, snap = chosen if chosen is not None else (trained["step"], False, cfg.snap)
     checkpoint = saved[tested_step] if chosen is not None else checkpoints.latest(store)
+    tested = replace(cfg, snap=snap)
     # a checkpoint that cannot be tested fails here, not in a task
-    load_trained(store.uri, checkpoint, averaged, cfg.snap)
-    # each length in as many parts as there were trainers, whose CPUs are free now; the longest first
-    parts, cpus = cfg.workers, max(1, cfg.cpus_per_worker)
+    load_trained(store.uri, checkpoint, averaged, snap)
+    # each length in as many parts as there were trainers; the longest first
     items = [(length, part) for length in sorted(set(cfg.test_lengths), reverse=True) for part in range(parts)]
     t0 = time.time()
-    scored = map_tasks(partial(score_part, store.uri, checkpoint, averaged, cfg, parts=parts, threads=cpus),
+    scored = map_tasks(partial(score_part, store.uri, checkpoint, averaged, tested, parts=parts, threads=cpus),
                        items, cpus=cpus, desc="generalisation test")
     test_seconds = time.time() - t0
     accuracy = {n: 100.0 * sum(right for (length, _), (right, _) in zip(items, scored) if length == n)
@@ -77,7 +104,10 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
                "sequence_accuracy": accuracy, "test_instances": cfg.test_instances, "test_seconds": seconds,
                "test_wall_seconds": test_seconds,
                "longest_perfect_length": max(perfect) if perfect else None, "checkpoint": checkpoint,
-               "averaged": averaged, "wall_seconds": time.time() - started, "train_seconds": train_seconds,
+               "averaged": averaged, "snap": snap,
+               "snap_validation": [{"step": step, "snap": u, "validation_accuracy": acc}
+                                   for (step, u), acc in sorted(snapped.items())],
+               "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "resumed": bool(args.resume),
                "curve": trained["curve"], "evals": trained["evals"]}
     store.write_text("metrics.json", json.dumps(metrics, indent=1, default=list))
@@ -88,6 +118,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
         store.upload(Path(tmp) / "generalisation.png", "generalisation.png")
     print(f"\n{cfg.task}: sequence accuracy on {cfg.test_instances} fresh instances per length "
           f"(trained on lengths <= {cfg.max_length}; {checkpoint}{' (its weights average)' if averaged else ''}"
+          f"{f', update gates within {snap} of 0 or 1 rounded' if snap else ''}"
           f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
     for length in sorted(accuracy):
         print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s, its longest part)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_training import assert_resume_equals_uninterrupted
 
+from distmem.models.neural_gpu import DCGRU
 from distmem.tasks.algorithmic import AlgorithmicRunConfig, AlgorithmicTask
 from distmem.tasks.algorithmic.data import (
     BLANK,
@@ -30,6 +31,8 @@ from distmem.tasks.algorithmic.task import (
     answer,
     averaged_model,
     averaged_state,
+    averaged_steps,
+    clip_relative,
     learning_rate,
     load_trained,
     saturation_scale,
@@ -195,26 +198,81 @@ def test_the_saturation_share_caps_the_cost_at_a_share_of_the_cross_entropy():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+def test_training_rounds_the_gates_from_snap_from_on():
+    """--snap-from S: steps before S train the unrounded cell, steps from S the rounded one (the
+    step's loss then equals the rounded model's); it needs --snap."""
+    task = AlgorithmicTask(AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", snap=0.3, snap_from=5,
+                                                dropout=0.0, saturation=0.0))
+    model, optimizer = task.build()
+    cells = [m for m in model.modules() if isinstance(m, DCGRU)]
+    src, tgt = next(task.batches(0, 1, 0))
+    twin = AlgorithmicTask(task.config).build()[0]
+    for step, rounded in ((4, False), (5, True), (6, True)):
+        twin.load_state_dict(model.state_dict())
+        twin.snap_in_training(rounded)
+        expected = float(twin.train()(src, tgt).ce.detach())
+        logged = task.train_step(model, None, (src, tgt), optimizer, step)
+        assert all(c.snap_training == rounded for c in cells)
+        assert logged["ce"] == pytest.approx(expected, rel=1e-6)
+    twin.snap_in_training(False)
+    assert float(twin.train()(src, tgt).ce.detach()) != pytest.approx(logged["ce"], rel=1e-6)  # the rounding mattered
+    with pytest.raises(ValueError, match="--snap-from"):
+        AlgorithmicRunConfig(cell="dcgru", snap_from=10)
+
+
+def test_relative_clipping_bounds_each_gradient_element_by_its_running_root_mean_square():
+    """Hand case: exp_avg_sq (4, 1e-6) with factor 2 bounds (4, 0.002); a parameter Adam has no state
+    for yet is left as it is. In training it applies from --clip-relative-from on: a step before it
+    equals a step without it, a step from it clips (0.05 x the roots of the mean squares Adam holds
+    after one step, a thousandth of the first gradients' squares, is below the next gradients)."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([a, b])
+    optimizer.state[a]["exp_avg_sq"] = torch.tensor([4.0, 1e-6])
+    a.grad, b.grad = torch.tensor([10.0, -5.0]), torch.tensor([7.0])
+    clip_relative(optimizer, 2.0)
+    torch.testing.assert_close(a.grad, torch.tensor([4.0, -0.002]))
+    assert b.grad.tolist() == [7.0]
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", clip_relative=0.05, clip_relative_from=1)
+    runs = {}
+    for name, config in (("plain", dataclasses.replace(cfg, clip_relative=0.0)), ("clipped", cfg)):
+        task = AlgorithmicTask(config)
+        model, optimizer = task.build()
+        batches = task.batches(0, 1, 0)
+        task.train_step(model, None, next(batches), optimizer, 0)
+        after_first = [p.detach().clone() for p in model.parameters()]
+        task.train_step(model, None, next(batches), optimizer, 1)
+        runs[name] = after_first, [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(runs["plain"][0], runs["clipped"][0]))
+    assert not all(torch.equal(p, q) for p, q in zip(runs["plain"][1], runs["clipped"][1]))
+
+
 def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
     evals = [{"step": 2, "validation_accuracy": 10.0}, {"step": 4, "validation_accuracy": 90.0},
              {"step": 6, "validation_accuracy": 40.0}, {"step": 8, "validation_accuracy": 90.0},
              {"step": 9, "validation_accuracy": 95.0}]
-    assert select_checkpoint(evals, {2, 4, 6, 8, 9}, 50) == (9, False)
-    assert select_checkpoint(evals, {2, 4, 6, 8}, 50) == (8, False)  # a tie: the later; step 9 has no checkpoint
-    assert select_checkpoint(evals, {2, 4, 6}, 50) == (4, False)
+    assert select_checkpoint(evals, {2, 4, 6, 8, 9}, 50) == (9, False, 0.0)
+    assert select_checkpoint(evals, {2, 4, 6, 8}, 50) == (8, False, 0.0)  # a tie: the later; step 9 has no checkpoint
+    assert select_checkpoint(evals, {2, 4, 6}, 50) == (4, False, 0.0)
     assert select_checkpoint(evals, set(), 50) is None
     assert select_checkpoint([{"step": 2, "sequence_accuracy": 50.0}], {2}, 50) is None  # no validation length
     resumed = [{**e, "validation_length": 50.0} for e in evals[:3]] + [  # a resume moved it to 100
         {"step": 8, "validation_accuracy": 20.0, "validation_length": 100.0}]
-    assert select_checkpoint(resumed, {2, 4, 6, 8}, 100) == (8, False)
-    assert select_checkpoint(resumed, {2, 4, 6, 8}, 50) == (4, False)
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 100) == (8, False, 0.0)
+    assert select_checkpoint(resumed, {2, 4, 6, 8}, 50) == (4, False, 0.0)
     # with the weights' average: it competes with the weights; on a tie the later step, then the average
     averaged = [{"step": 2, "validation_accuracy": 60.0, "ema_validation_accuracy": 70.0},
                 {"step": 4, "validation_accuracy": 50.0, "ema_validation_accuracy": 40.0},
                 {"step": 6, "validation_accuracy": 70.0, "ema_validation_accuracy": 70.0}]
-    assert select_checkpoint(averaged, {2, 4, 6}, 50) == (6, True)
-    assert select_checkpoint(averaged, {2, 4}, 50) == (2, True)
-    assert select_checkpoint(averaged[1:2], {4}, 50) == (4, False)
+    assert select_checkpoint(averaged, {2, 4, 6}, 50) == (6, True, 0.0)
+    assert select_checkpoint(averaged, {2, 4}, 50) == (2, True, 0.0)
+    assert select_checkpoint(averaged[1:2], {4}, 50) == (4, False, 0.0)
+    # averages scored with other roundings (snap_grid) compete too; a tie keeps the run's own rounding
+    assert averaged_steps(averaged, {2, 4}, 50) == [2, 4]
+    assert averaged_steps([{**averaged[0], "validation_length": 50.0}], {2}, 100) == []  # scored at another length
+    assert select_checkpoint(averaged, {2, 4, 6}, 50, {(2, 0.2): 85.0, (4, 0.25): 80.0}, 0.1) == (2, True, 0.2)
+    assert select_checkpoint(averaged, {2, 4, 6}, 50, {(4, 0.2): 70.0, (6, 0.2): 70.0}, 0.1) == (6, True, 0.1)
+    assert select_checkpoint(averaged, {2, 4, 6}, 50, {(6, 0.25): 90.0, (6, 0.15): 90.0}, 0.1) == (6, True, 0.15)
+    assert select_checkpoint(averaged, {2, 4}, 50, {(6, 0.25): 99.0}, 0.1) == (2, True, 0.1)  # 6: no checkpoint
 
 
 class EvenSumReverser(torch.nn.Module):
@@ -319,9 +377,9 @@ def test_the_answer_job_writes_one_binary_answer_per_instance(trained_run, tmp_p
 
 def test_a_trained_run_loads_with_the_gates_snapped_as_asked(tmp_path):
     """snap is an inference setting: load_trained(run, snap=...) rounds the dcgru's gates of a run
-    trained without it, with the same weights; None takes the run's config.json (which --resume
-    RUN --snap rewrites), else the checkpoint's."""
-    from distmem.models.neural_gpu import DCGRU
+    trained without it, with the same weights; None takes the one the test chose (metrics.json) for
+    the tested model, else the run's config.json (which --resume RUN --snap rewrites), else the
+    checkpoint's."""
     from distmem.runs import RunStore
     from distmem.training import fit_local
     cfg = AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", workers=1, steps=2, batch_size=4, max_length=7,
@@ -337,6 +395,11 @@ def test_a_trained_run_loads_with_the_gates_snapped_as_asked(tmp_path):
         load_trained(str(tmp_path), snap=0.5)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, snap=0.2))))
     assert load_trained(str(tmp_path))[1].snap == 0.2 and load_trained(str(tmp_path), snap=0.0)[1].snap == 0
+    # the rounding the test chose (metrics.json) goes with the tested checkpoint; an explicit one wins
+    (tmp_path / "metrics.json").write_text(json.dumps({"checkpoint": "checkpoints/step-0000002", "averaged": False,
+                                                       "snap": 0.15}))
+    assert load_trained(str(tmp_path))[1].snap == 0.15 and load_trained(str(tmp_path), snap=0.05)[1].snap == 0.05
+    assert load_trained(str(tmp_path), "checkpoints/step-0000002")[1].snap == 0.2  # not the tested model: config.json
 
 
 @pytest.mark.slow
@@ -349,11 +412,22 @@ def test_quick_preset_end_to_end(tmp_path):
     assert all(0 <= a <= 100 for a in metrics["sequence_accuracy"].values())
     assert [e["step"] for e in metrics["evals"]] == [10, 20] and metrics["curve"][-1]["step"] == 20
     assert all("ema_validation_accuracy" in e for e in metrics["evals"][1:])  # the weights' average from step 5
-    _, step, averaged = max((e[f"{p}validation_accuracy"], e["step"], p == "ema_")
-                            for e in metrics["evals"] for p in ("", "ema_") if f"{p}validation_accuracy" in e)
-    # the test's model: the best at length 12, of the weights and their average
-    assert (metrics["checkpoint"], metrics["averaged"]) == (f"checkpoints/step-{step:07d}", averaged)
+    # the averages at steps 10 and 20 with the grid's roundings, on the evals' validation instances
+    grid = metrics["snap_validation"]
+    assert sorted((v["step"], v["snap"]) for v in grid) == [(10, 0.05), (10, 0.2), (20, 0.05), (20, 0.2)]
+    for v in grid:
+        model, cfg = load_trained(str(run), f"checkpoints/step-{v['step']:07d}", True, v["snap"])
+        assert sequence_accuracy(model, cfg, 12, 16, seed=cfg.seed + 1) == v["validation_accuracy"]
+    own = metrics["config"]["snap"]
+    _, step, averaged, _, snap = max(
+        [(e[f"{p}validation_accuracy"], e["step"], p == "ema_", True, -own)
+         for e in metrics["evals"] for p in ("", "ema_") if f"{p}validation_accuracy" in e]
+        + [(v["validation_accuracy"], v["step"], True, False, -v["snap"]) for v in grid])
+    # the test's model: the best at length 12, of the weights and their average, with any of the roundings
+    assert (metrics["checkpoint"], metrics["averaged"], metrics["snap"]) == (f"checkpoints/step-{step:07d}",
+                                                                             averaged, -snap)
     default_model = load_trained(str(run))[0]
+    assert load_trained(str(run))[1].snap == metrics["snap"]
     default, chosen = (m.state_dict() for m in (default_model, load_trained(str(run), metrics["checkpoint"],
                                                                             metrics["averaged"])[0]))
     assert all(torch.equal(default[k], chosen[k]) for k in chosen)  # the answer job loads the tested model

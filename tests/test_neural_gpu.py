@@ -123,6 +123,29 @@ def test_snap_rounds_update_gates_near_0_or_1_at_inference_only():
     torch.testing.assert_close(cell.eval()(s)[0][0, :, 0], mixed([0.97, 0.02, 0.75]))
 
 
+def test_snap_in_training_rounds_forward_and_passes_the_gradient_straight_through():
+    """With snap_training set, training rounds u = (0.97, 0.02, 0.75) as inference does, and the
+    gradient reaches the gates' bias as if unrounded: d out / d u_i = shift(s)_i - c_i, times the
+    hard sigmoid's slope 3 / 6 = 1/2 inside its range (the rounded channels would get 0 from a plain
+    torch.where). NeuralGPU.snap_in_training sets it on every cell."""
+    cell = DCGRU(3, kernel=1, height=1, snap=0.05)
+    s = torch.tensor([[0.5, -0.2, 0.9, 0.1], [0.3, 0.8, -0.6, 0.4], [-0.7, 0.2, 0.6, -0.1]]).view(1, 3, 1, 4)
+    with torch.no_grad():
+        cell.gates.weight.zero_()
+        cell.gates.bias.copy_(torch.tensor([0.94, -0.96, 0.5, 0.5, 0.5, 0.5]))
+    cell.snap_training = True
+    out = cell.train()(s)[0]
+    torch.testing.assert_close(out, cell.eval()(s)[0])
+    out.sum().backward()
+    x = s[0, :, 0]
+    shifted = torch.stack([x[0], torch.cat([torch.zeros(1), x[1, :-1]]), torch.cat([x[2, 1:], torch.zeros(1)])])
+    c = (cell.candidate.weight[:, :, 0, 0] @ (0.75 * x) + cell.candidate.bias[:, None]).clamp(-1, 1)
+    torch.testing.assert_close(cell.gates.bias.grad[:3], 0.5 * (shifted - c).sum(1).detach())
+    model = NeuralGPU(NeuralGPUConfig(in_vocab=IN, out_vocab=OUT, cell="dcgru", nmaps=6, height=1, snap=0.1))
+    model.snap_in_training(True)
+    assert all(m.snap_training for m in model.modules() if isinstance(m, DCGRU))
+
+
 def test_a_one_row_tape_gets_one_row_kernels():
     assert CGRU(4, kernel=3, height=1).gates.weight.shape[-2:] == (1, 3)
     assert CGRU(4, kernel=3, height=4).gates.weight.shape[-2:] == (3, 3)

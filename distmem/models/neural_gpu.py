@@ -65,8 +65,9 @@ class NeuralGPUConfig:
     # with hard gates (the improved Neural GPU; see DCGRU)
     cell: Literal["cgru", "dcgru"] = "cgru"
     saturation: float = 0.0   # dcgru: weight of the saturation cost added to the loss (0: none)
-    # dcgru, inference only: an update gate within `snap` of 0 or 1 is set to exactly 0 or 1, so a
-    # held value no longer leaks over hundreds of steps (0: off; training never snaps)
+    # dcgru, at inference: an update gate within `snap` of 0 or 1 is set to exactly 0 or 1, so a
+    # held value no longer leaks over hundreds of steps (0: off; training rounds them only once
+    # NeuralGPU.snap_in_training is on)
     snap: float = 0.0
     extended: bool = False    # with the decoder tape and the output tape
     use_memory: bool = False  # the memory of Figure 3 (extended only)
@@ -177,7 +178,8 @@ class DCGRU(CGRU):
     with hσ the hard sigmoid, htanh the hard tanh, and shift(s) moving the second third of the
     channels one position right and the last third one position left (zeros enter at the ends):
     a gate that keeps the state also carries it along the tape, one position a step. Dropout
-    (training) applies to c; `snap` (inference) rounds u within it of 0 or 1. Returns (s', the
+    (training) applies to c; `snap` (inference, and training once `snap_training` is set) rounds u
+    within it of 0 or 1; training passes the gradient straight through the rounding. Returns (s', the
     pre-activations the saturation cost charges: those of the gates [B, 2m, h, n] and of the
     candidate [B, m, h, n]); the model charges a whole pass's at once (`saturation_cost`)."""
 
@@ -187,6 +189,7 @@ class DCGRU(CGRU):
         self.third = nmaps // 3
         self.dropout = dropout
         self.snap = snap
+        self.snap_training = False  # training rounds u too (NeuralGPU.snap_in_training)
         self._moves: dict[tuple[int, torch.device], Tensor] = {}  # shift's source index per tape length
         with torch.no_grad():  # the public code's starting biases: u = 0.85, r = 0.75
             self.gates.bias[:nmaps] = 0.7
@@ -209,6 +212,8 @@ class DCGRU(CGRU):
         u, r = hard_sigmoid(gates).chunk(2, 1)
         if self.snap > 0 and not self.training:
             u = snap_gate(u, self.snap)
+        elif self.snap > 0 and self.snap_training:  # the rounded gate forward, the gradient as if unrounded
+            u = u + (snap_gate(u, self.snap) - u).detach()
         pre = self.candidate(r * s if extra is None else torch.cat([r * s, extra], 1))
         c = dropout(torch.clamp(pre, -1.0, 1.0), self.dropout, self.training)
         return torch.lerp(c, self.shift(s), u), (gates, pre)  # u * shift(s) + (1 - u) * c
@@ -258,6 +263,13 @@ class NeuralGPU(nn.Module):
             self.memory_layer = MemoryLayer(m)
             if cfg.memory_gain > 0:  # log scale: the gain has to grow several-fold (the seq2seq model's ~20)
                 self.memory_log_gain = nn.Parameter(torch.tensor(math.log(cfg.memory_gain)))
+
+    def snap_in_training(self, on: bool) -> None:
+        """Round the dcgru's update gates in training as at inference (cfg.snap; the gradient passes
+        straight through), so that training fits the function inference runs."""
+        for cell in self.modules():
+            if isinstance(cell, DCGRU):
+                cell.snap_training = on
 
     # -- building blocks -------------------------------------------------------------------------
     def _cell(self, extra: int) -> CGRU:

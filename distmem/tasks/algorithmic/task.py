@@ -83,6 +83,21 @@ def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float, st
     return min(1.0, cfg.saturation_share * ce / saturation)
 
 
+@torch.no_grad()
+def clip_relative(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Clip every gradient element to +-factor x the root of Adam's running mean square of that
+    element (exp_avg_sq; parameters without one yet are left as they are). Adam divides its first
+    moment, a tenth of which is the new gradient, by that root, so a sudden gradient adds at most
+    about factor / 10 learning rates to a weight's step, however quiet the gradients were before."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            square = optimizer.state.get(p, {}).get("exp_avg_sq")
+            if p.grad is not None and square is not None:
+                bound = square.sqrt().mul_(factor)
+                torch.minimum(p.grad, bound, out=p.grad)
+                torch.maximum(p.grad, -bound, out=p.grad)
+
+
 AVERAGE = "ema"  # a weight's moving average, kept in the optimizer's state: saved and resumed with Adam's moments
 
 
@@ -165,6 +180,8 @@ class AlgorithmicTask:
         model.train()
         for group in optimizer.param_groups:  # also after a --resume that changed --lr
             group["lr"] = learning_rate(c, step)
+        if c.snap_from:
+            getattr(model, "module", model).snap_in_training(step >= c.snap_from)
         src, tgt = batch
         out = model(src, tgt)
         ce, saturation = float(out.ce.detach()), float(out.saturation.detach())
@@ -172,6 +189,8 @@ class AlgorithmicTask:
         optimizer.zero_grad()
         (out.loss - (1 - scale) * out.saturation).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
+        if c.clip_relative and step >= c.clip_relative_from:
+            clip_relative(optimizer, c.clip_relative)
         if c.grad_noise:  # Neelakantan et al.'s annealed noise (the step's seed makes it reproducible)
             std = (c.grad_noise / (1 + step) ** 0.55) ** 0.5
             for p in model.parameters():
@@ -210,26 +229,48 @@ class AlgorithmicTask:
         return {}
 
 
-def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int) -> tuple[int, bool] | None:
-    """The model to test, as (step, averaged): of the evals at a `saved` (checkpointed) step that
-    scored the validation `length` (a resume may have changed it), the best validation accuracy of
-    the weights or of their average; on a tie the later step, then the average (the steadier);
-    None without such scores."""
-    scored = [(e[f"{prefix}validation_accuracy"], int(e["step"]), prefix == "ema_")
+def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int,
+                      snapped: dict[tuple[int, float], float] | None = None,
+                      snap: float = 0.0) -> tuple[int, bool, float] | None:
+    """The model to test, as (step, averaged, snap): of the evals at a `saved` (checkpointed) step
+    that scored the validation `length` (a resume may have changed it), the best validation accuracy
+    of the weights or of their average with the run's `snap`, or of an average with another rounding
+    (`snapped`: (step, rounding) -> accuracy on the same instances); on a tie the later step, then the
+    average (the steadier), then the run's own rounding, then the smaller; None without such scores."""
+    scored = [(e[f"{prefix}validation_accuracy"], int(e["step"]), prefix == "ema_", True, -snap)
               for e in evals if int(e["step"]) in saved and e.get("validation_length", length) == length
               for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
     if not scored:
         return None
-    _, step, averaged = max(scored)
-    return step, averaged
+    scored += [(accuracy, step, True, False, -u) for (step, u), accuracy in (snapped or {}).items() if step in saved]
+    _, step, averaged, _, negated = max(scored)
+    return step, averaged, -negated
+
+
+def averaged_steps(evals: list[dict[str, float]], saved: set[int], length: int) -> list[int]:
+    """The `saved` steps whose weights' average was scored at the validation `length`: the models
+    `snap_grid` scores with other roundings."""
+    return sorted({int(e["step"]) for e in evals if int(e["step"]) in saved and "ema_validation_accuracy" in e
+                   and e.get("validation_length", length) == length})
+
+
+def score_validation(run: str, cfg: AlgorithmicRunConfig, threads: int, item: tuple[str, float]) -> float:
+    """The validation accuracy (%) of the weights' average of `run`'s checkpoint with the update gates
+    rounded by snap, item = (checkpoint, snap): on the instances every eval scores
+    (cfg.eval_instances at cfg.validation_length, seed + 1). Runnable in another process."""
+    torch.set_num_threads(threads)
+    checkpoint, snap = item
+    model, _ = load_trained(run, checkpoint, True, snap)
+    return sequence_accuracy(model, cfg, cfg.validation_length, cfg.eval_instances, seed=cfg.seed + 1)
 
 
 def load_trained(run: str, checkpoint: str | None = None, averaged: bool = False,
                  snap: float | None = None) -> tuple[NeuralGPU, AlgorithmicRunConfig]:
     """The model of a `jobs.neural_gpu` run folder (path or URI) and its config: the checkpoint
     given ("checkpoints/step-0002000"; `averaged`: its weights' moving average), else the one its
-    test chose (metrics.json), else the latest; `snap`: the gates' rounding at inference (None:
-    the run's config.json, which a --resume may have changed, else the checkpoint's). A checkpoint
+    test chose (metrics.json), else the latest; `snap`: the gates' rounding at inference (None: the
+    one the test chose with that checkpoint, else the run's config.json, which a --resume may have
+    changed, else the checkpoint's). A checkpoint
     that would run code when unpickled is refused (`CheckpointError`)."""
     import json  # noqa: PLC0415
 
@@ -241,6 +282,7 @@ def load_trained(run: str, checkpoint: str | None = None, averaged: bool = False
     if checkpoint is None and store.exists("metrics.json"):
         tested = json.loads(store.read_text("metrics.json"))
         checkpoint, averaged = tested.get("checkpoint"), bool(tested.get("averaged", False))
+        snap = tested.get("snap") if snap is None else snap
     checkpoint = checkpoint or checkpoints.latest(store)
     if checkpoint is None:
         raise FileNotFoundError(f"{run}: not a jobs.neural_gpu run folder (no checkpoint)")
