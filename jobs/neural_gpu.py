@@ -27,9 +27,11 @@ from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, Algorithmic
 from distmem.tasks.algorithmic.task import (
     averaged_steps,
     load_trained,
+    nothing_validated,
     score_part,
     score_validation,
     select_checkpoint,
+    validate_shorter,
 )
 
 
@@ -55,11 +57,23 @@ def score_snap_grid(store, cfg: AlgorithmicRunConfig, evals: list[dict], saved: 
     if not items:
         return {}
     started = time.time()
-    scores = map_tasks(partial(score_validation, store.uri, cfg, cpus), [(saved[step], u) for step, u in items],
+    scores = map_tasks(partial(score_validation, store.uri, cfg, cpus), [(saved[step], True, u) for step, u in items],
                        cpus=cpus, desc="roundings on validation")
     print(f"{len(items)} roundings of the averages scored at validation length {cfg.validation_length} "
           f"in {time.time() - started:.0f} s")
     return dict(zip(items, scores, strict=True))
+
+
+def score_shorter(store, cfg: AlgorithmicRunConfig, saved: dict[int, str], cpus: int):
+    """`validate_shorter`'s scorer: (length, [(step, averaged)]) -> % on cfg's validation instances at
+    that length with the run's rounding, one Ray task each."""
+    from distmem.distributed import map_tasks  # imports Ray
+
+    def score(length: int, items: list[tuple[int, bool]]) -> list[float]:
+        at = replace(cfg, validation_length=length)
+        return map_tasks(partial(score_validation, store.uri, at, cpus), [(saved[s], a, cfg.snap) for s, a in items],
+                         cpus=cpus, desc=f"nothing right at {cfg.validation_length}: validation at {length}")
+    return score
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,6 +99,12 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     parts, cpus = cfg.workers, max(1, cfg.cpus_per_worker)  # the trainers' CPUs are free now
     snapped = score_snap_grid(store, cfg, trained["evals"], saved, cpus)
     chosen = select_checkpoint(trained["evals"], set(saved), cfg.validation_length, snapped, cfg.snap)
+    chosen_at, shorter = cfg.validation_length, None
+    if chosen is not None and nothing_validated(trained["evals"], set(saved), cfg.validation_length, snapped):
+        shorter = validate_shorter(trained["evals"], set(saved), cfg, score_shorter(store, cfg, saved, cpus))
+        if shorter:  # the model that runs furthest, with the run's own rounding
+            chosen_at = int(shorter[0]["validation_length"])
+            chosen = select_checkpoint(shorter, set(saved), chosen_at, None, cfg.snap)
     tested_step, averaged, snap = chosen if chosen is not None else (trained["step"], False, cfg.snap)
     checkpoint = saved[tested_step] if chosen is not None else checkpoints.latest(store)
     tested = replace(cfg, snap=snap)
@@ -107,6 +127,7 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
                "averaged": averaged, "snap": snap,
                "snap_validation": [{"step": step, "snap": u, "validation_accuracy": acc}
                                    for (step, u), acc in sorted(snapped.items())],
+               "chosen_at_length": chosen_at if chosen is not None else None, "shorter_validation": shorter,
                "wall_seconds": time.time() - started, "train_seconds": train_seconds,
                "resumed": bool(args.resume),
                "curve": trained["curve"], "evals": trained["evals"]}
@@ -119,7 +140,8 @@ def run(cfg: AlgorithmicRunConfig, args) -> dict:
     print(f"\n{cfg.task}: sequence accuracy on {cfg.test_instances} fresh instances per length "
           f"(trained on lengths <= {cfg.max_length}; {checkpoint}{' (its weights average)' if averaged else ''}"
           f"{f', update gates within {snap} of 0 or 1 rounded' if snap else ''}"
-          f"{f', the best at validation length {cfg.validation_length}' if chosen is not None else ''})")
+          f"{f', the best at validation length {chosen_at}' if chosen is not None else ''}"
+          f"{f' (none right at {cfg.validation_length})' if shorter else ''})")
     for length in sorted(accuracy):
         print(f"  length {length:>5}: {accuracy[length]:6.2f}%   ({seconds[length]:.0f} s, its longest part)")
     print(f"test: {test_seconds:.0f} s ({parts} parts a length, run side by side)")

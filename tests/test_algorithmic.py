@@ -35,10 +35,13 @@ from distmem.tasks.algorithmic.task import (
     clip_relative,
     learning_rate,
     load_trained,
+    nothing_validated,
     saturation_scale,
     select_checkpoint,
     sequence_accuracy,
     sequence_right,
+    validate_shorter,
+    validation_ladder,
 )
 
 from conftest import run_job
@@ -273,6 +276,44 @@ def test_the_test_takes_the_checkpoint_best_at_the_validation_length():
     assert select_checkpoint(averaged, {2, 4, 6}, 50, {(4, 0.2): 70.0, (6, 0.2): 70.0}, 0.1) == (6, True, 0.1)
     assert select_checkpoint(averaged, {2, 4, 6}, 50, {(6, 0.25): 90.0, (6, 0.15): 90.0}, 0.1) == (6, True, 0.15)
     assert select_checkpoint(averaged, {2, 4}, 50, {(6, 0.25): 99.0}, 0.1) == (2, True, 0.1)  # 6: no checkpoint
+
+
+def test_where_nothing_validates_the_choice_falls_to_the_longest_shorter_length_where_something_does():
+    assert validation_ladder(200, 20) == [100, 50, 25]
+    assert validation_ladder(100, 20) == [50, 25]
+    assert validation_ladder(12, 8) == []
+    zero = [{"step": 2, "validation_accuracy": 0.0, "validation_length": 200.0},
+            {"step": 4, "validation_accuracy": 0.0, "ema_validation_accuracy": 0.0, "validation_length": 200.0},
+            {"step": 6, "validation_accuracy": 0.0, "ema_validation_accuracy": 0.0, "validation_length": 200.0},
+            {"step": 8, "sequence_accuracy": 100.0}]  # no validation: not a candidate
+    assert nothing_validated(zero, {2, 4, 6}, 200)
+    assert not nothing_validated(zero, {2, 4, 6}, 200, {(6, 0.2): 0.4})  # one rounding scored
+    assert nothing_validated(zero, {2, 4, 6}, 200, {(10, 0.2): 50.0})  # 10 has no checkpoint
+    assert not nothing_validated([{**zero[0], "validation_accuracy": 1.0}], {2}, 200)
+    cfg = AlgorithmicRunConfig(validation_length=200, max_length=20)
+    # a run whose weights at 4 run to length 50 and whose averages do not: nothing at 100, then 50
+    truth = {(100, 2, False): 0.0, (100, 4, False): 0.0, (100, 4, True): 0.0, (100, 6, False): 0.0,
+             (100, 6, True): 0.0, (50, 2, False): 10.0, (50, 4, False): 70.0, (50, 4, True): 40.0,
+             (50, 6, False): 0.0, (50, 6, True): 70.0}
+    asked = []
+
+    def score(length, items):
+        asked.append((length, items))
+        return [truth[length, step, averaged] for step, averaged in items]
+
+    shorter = validate_shorter(zero, {2, 4, 6}, cfg, score)
+    assert [length for length, _ in asked] == [100, 50]
+    assert asked[0][1] == [(2, False), (4, False), (6, False), (4, True), (6, True)]
+    assert shorter == [{"step": 2, "validation_length": 50.0, "validation_accuracy": 10.0},
+                       {"step": 4, "validation_length": 50.0, "validation_accuracy": 70.0,
+                        "ema_validation_accuracy": 40.0},
+                       {"step": 6, "validation_length": 50.0, "validation_accuracy": 0.0,
+                        "ema_validation_accuracy": 70.0}]
+    assert select_checkpoint(shorter, {2, 4, 6}, 50, None, 0.1) == (6, True, 0.1)  # the tie: the later, the average
+    assert select_checkpoint(shorter, {2, 4}, 50, None, 0.1) == (4, False, 0.1)
+    asked.clear()
+    assert validate_shorter(zero, {4}, cfg, lambda length, items: [0.0] * len(items)) is None
+    assert validate_shorter(zero, set(), cfg, score) is None and not asked  # no candidate: nothing scored
 
 
 class EvenSumReverser(torch.nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -254,13 +254,54 @@ def averaged_steps(evals: list[dict[str, float]], saved: set[int], length: int) 
                    and e.get("validation_length", length) == length})
 
 
-def score_validation(run: str, cfg: AlgorithmicRunConfig, threads: int, item: tuple[str, float]) -> float:
-    """The validation accuracy (%) of the weights' average of `run`'s checkpoint with the update gates
-    rounded by snap, item = (checkpoint, snap): on the instances every eval scores
+def validation_ladder(length: int, longest_trained: int) -> list[int]:
+    """The shorter lengths the test's choice falls back to, longest first, where no model scored at
+    the validation `length`: its halvings above the training lengths (200, 20 -> [100, 50, 25])."""
+    ladder, n = [], length // 2
+    while n > longest_trained:
+        ladder.append(n)
+        n //= 2
+    return ladder
+
+
+def nothing_validated(evals: list[dict[str, float]], saved: set[int], length: int,
+                      snapped: dict[tuple[int, float], float] | None = None) -> bool:
+    """Whether every `saved` model scored 0 at the validation `length` (weights, averages, roundings),
+    so that the validation length says nothing about which one to test."""
+    scores = [e[f"{prefix}validation_accuracy"] for e in evals
+              if int(e["step"]) in saved and e.get("validation_length", length) == length
+              for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
+    scores += [acc for (step, _), acc in (snapped or {}).items() if step in saved]
+    return not any(scores)
+
+
+def validate_shorter(evals: list[dict[str, float]], saved: set[int], cfg: AlgorithmicRunConfig,
+                     score: Callable[[int, list[tuple[int, bool]]], list[float]]) -> list[dict[str, float]] | None:
+    """Where nothing scored at cfg.validation_length: the models its evals scored (the weights, and their
+    average where kept) scored at each length of `validation_ladder`, longest first, until one scores
+    above 0. `score(length, [(step, averaged)])` gives their accuracies (%). Returns evals at that
+    length for `select_checkpoint`, or None where none scores at any."""
+    length = cfg.validation_length
+    steps = sorted({int(e["step"]) for e in evals if int(e["step"]) in saved and "validation_accuracy" in e
+                    and e.get("validation_length", length) == length})
+    averaged = set(averaged_steps(evals, saved, length))
+    items = [(step, False) for step in steps] + [(step, True) for step in steps if step in averaged]
+    for shorter in validation_ladder(length, cfg.max_length) if items else []:
+        scores = dict(zip(items, score(shorter, items), strict=True))
+        if any(scores.values()):
+            return [{"step": step, "validation_length": float(shorter), "validation_accuracy": scores[step, False],
+                     **({"ema_validation_accuracy": scores[step, True]} if step in averaged else {})}
+                    for step in steps]
+    return None
+
+
+def score_validation(run: str, cfg: AlgorithmicRunConfig, threads: int, item: tuple[str, bool, float]) -> float:
+    """The validation accuracy (%) of `run`'s checkpoint, or of its weights' average, with the update
+    gates rounded by snap, item = (checkpoint, averaged, snap): on the instances every eval scores
     (cfg.eval_instances at cfg.validation_length, seed + 1). Runnable in another process."""
     torch.set_num_threads(threads)
-    checkpoint, snap = item
-    model, _ = load_trained(run, checkpoint, True, snap)
+    checkpoint, averaged, snap = item
+    model, _ = load_trained(run, checkpoint, averaged, snap)
     return sequence_accuracy(model, cfg, cfg.validation_length, cfg.eval_instances, seed=cfg.seed + 1)
 
 
