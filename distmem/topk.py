@@ -30,8 +30,8 @@ def ordered_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # one more than asked: where the (k+1)-th score is below the k-th, every score equal to the k-th
     # was kept, so only rows with a tie at the boundary need a pass over the whole row
     values, idx = torch.topk(scores, k + 1, dim=1, sorted=False)
-    two = torch.topk(values, 2, dim=1, largest=False).values  # [R, 2]: the (k+1)-th and k-th scores
-    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, values.argmin(dim=1, keepdim=True), False)
+    two, at = torch.topk(values, 2, dim=1, largest=False)  # [R, 2]: the (k+1)-th and k-th scores, and where
+    keep = torch.ones_like(values, dtype=torch.bool).scatter_(1, at[:, :1], False)
     values, idx = values[keep].view(R, k), idx[keep].view(R, k)
     bad = (two[:, 0] == two[:, 1]).nonzero().squeeze(1)
     if bad.numel():

@@ -229,6 +229,14 @@ class AlgorithmicTask:
         return {}
 
 
+def validation_scores(evals: list[dict[str, float]], saved: set[int], length: int) -> list[tuple[float, int, bool]]:
+    """(accuracy, step, averaged) of every model the evals scored at the validation `length` (a resume
+    may have changed it) at a `saved` (checkpointed) step: the weights, and their average where kept."""
+    return [(e[f"{prefix}validation_accuracy"], int(e["step"]), prefix == "ema_")
+            for e in evals if int(e["step"]) in saved and e.get("validation_length", length) == length
+            for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
+
+
 def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: int,
                       snapped: dict[tuple[int, float], float] | None = None,
                       snap: float = 0.0) -> tuple[int, bool, float] | None:
@@ -237,9 +245,8 @@ def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: in
     of the weights or of their average with the run's `snap`, or of an average with another rounding
     (`snapped`: (step, rounding) -> accuracy on the same instances); on a tie the later step, then the
     average (the steadier), then the run's own rounding, then the smaller; None without such scores."""
-    scored = [(e[f"{prefix}validation_accuracy"], int(e["step"]), prefix == "ema_", True, -snap)
-              for e in evals if int(e["step"]) in saved and e.get("validation_length", length) == length
-              for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
+    scored = [(accuracy, step, averaged, True, -snap)
+              for accuracy, step, averaged in validation_scores(evals, saved, length)]
     if not scored:
         return None
     scored += [(accuracy, step, True, False, -u) for (step, u), accuracy in (snapped or {}).items() if step in saved]
@@ -250,8 +257,7 @@ def select_checkpoint(evals: list[dict[str, float]], saved: set[int], length: in
 def averaged_steps(evals: list[dict[str, float]], saved: set[int], length: int) -> list[int]:
     """The `saved` steps whose weights' average was scored at the validation `length`: the models
     `snap_grid` scores with other roundings."""
-    return sorted({int(e["step"]) for e in evals if int(e["step"]) in saved and "ema_validation_accuracy" in e
-                   and e.get("validation_length", length) == length})
+    return sorted({step for _, step, averaged in validation_scores(evals, saved, length) if averaged})
 
 
 def validation_ladder(length: int, longest_trained: int) -> list[int]:
@@ -268,10 +274,8 @@ def nothing_validated(evals: list[dict[str, float]], saved: set[int], length: in
                       snapped: dict[tuple[int, float], float] | None = None) -> bool:
     """Whether every `saved` model scored 0 at the validation `length` (weights, averages, roundings),
     so that the validation length says nothing about which one to test."""
-    scores = [e[f"{prefix}validation_accuracy"] for e in evals
-              if int(e["step"]) in saved and e.get("validation_length", length) == length
-              for prefix in ("", "ema_") if f"{prefix}validation_accuracy" in e]
-    scores += [acc for (step, _), acc in (snapped or {}).items() if step in saved]
+    scores = [accuracy for accuracy, _, _ in validation_scores(evals, saved, length)]
+    scores += [accuracy for (step, _), accuracy in (snapped or {}).items() if step in saved]
     return not any(scores)
 
 
@@ -282,8 +286,7 @@ def validate_shorter(evals: list[dict[str, float]], saved: set[int], cfg: Algori
     above 0. `score(length, [(step, averaged)])` gives their accuracies (%). Returns evals at that
     length for `select_checkpoint`, or None where none scores at any."""
     length = cfg.validation_length
-    steps = sorted({int(e["step"]) for e in evals if int(e["step"]) in saved and "validation_accuracy" in e
-                    and e.get("validation_length", length) == length})
+    steps = sorted({step for _, step, averaged in validation_scores(evals, saved, length) if not averaged})
     averaged = set(averaged_steps(evals, saved, length))
     items = [(step, False) for step in steps] + [(step, True) for step in steps if step in averaged]
     for shorter in validation_ladder(length, cfg.max_length) if items else []:
