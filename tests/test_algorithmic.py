@@ -2,6 +2,7 @@
 and sorting confirm, the plain text form both ways, the curriculum, and a short resumed run that
 equals an uninterrupted one."""
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -33,6 +34,7 @@ from distmem.tasks.algorithmic.task import (
     averaged_state,
     averaged_steps,
     clip_relative,
+    extra_steps,
     learning_rate,
     load_trained,
     nothing_validated,
@@ -132,6 +134,32 @@ def test_shared_length_gives_every_trainer_the_steps_length_and_its_own_instance
     assert lengths[0] == [full.length_at(s, np.random.default_rng([0, s])) for s in range(100, 130)]
     src = batch("badd", lengths[0][0], 4, np.random.default_rng([0, 0, 100]))[0]
     assert torch.equal(ranks[0][0][0], torch.from_numpy(src))
+
+
+def test_extra_steps_are_drawn_per_step_within_f_times_the_length_and_off_by_default():
+    cfg = AlgorithmicRunConfig(task="badd", extra_steps=0.5)
+    drawn = [extra_steps(cfg, step, 20) for step in range(400)]
+    assert min(drawn) == 0 and max(drawn) == 10 and len(set(drawn)) == 11
+    assert drawn == [extra_steps(cfg, step, 20) for step in range(400)]  # a function of (seed, step)
+    assert drawn != [extra_steps(dataclasses.replace(cfg, seed=1), step, 20) for step in range(400)]
+    assert {extra_steps(cfg, step, 3) for step in range(100)} == {0, 1}
+    assert not any(extra_steps(AlgorithmicRunConfig(task="badd"), step, 20) for step in range(100))
+    with pytest.raises(ValueError, match="--extra-steps: expected >= 0"):
+        AlgorithmicRunConfig(extra_steps=-1)
+    # the training step runs them: its loss is that of the pass with the step's draw, not without
+    task = AlgorithmicTask(dataclasses.replace(cfg, nmaps=6, cell="dcgru", extra_steps=2.0, max_length=7,
+                                               curriculum_start=7))
+    net, optimizer = task.build()
+    step = next(s for s in range(100) if extra_steps(task.config, s, 7) > 3)
+    src, tgt = next(task.batches(0, 1, step))
+    before = copy.deepcopy(net).train()
+    torch.manual_seed(5)
+    want = before(src, tgt, extra_steps=extra_steps(task.config, step, 7)).ce
+    torch.manual_seed(5)
+    without = before(src, tgt).ce
+    torch.manual_seed(5)
+    got = task.train_step(net, None, (src, tgt), optimizer, step)["ce"]
+    assert got == pytest.approx(float(want)) and got != pytest.approx(float(without))
 
 
 @pytest.mark.parametrize("cell", ["cgru", "dcgru"])

@@ -217,6 +217,29 @@ def test_the_saturation_cost_of_a_pass_is_the_mean_of_every_cell_use_s_cost():
         assert out.saturation > 0
 
 
+def test_extra_steps_run_the_encoder_beyond_the_length_and_count_in_the_saturation_cost():
+    """Oracle: the tape after n + r explicit steps; the cost's mean is over (n + r) * nconvs uses."""
+    src, tgt = tokens(3, 5, IN), tokens(3, 5, OUT, seed=1)
+    net = model(cell="dcgru", saturation=0.5)
+    torch.testing.assert_close(net(src, tgt, extra_steps=0).logits, net(src, tgt).logits)
+    s = net.embed(src).transpose(1, 2)[:, :, None].clamp(-1, 1)
+    s = torch.nn.functional.pad(s, (0, 0, 0, 1))
+    for _ in range(5 + 3):
+        s = net._steps(net.encoder, s)
+    out = net(src, tgt, extra_steps=3)
+    torch.testing.assert_close(out.logits, net.output(s[:, :, 0].transpose(1, 2)))
+    assert not torch.allclose(out.logits, net(src, tgt).logits)
+    uses = []
+    hooks = [cell.register_forward_hook(lambda _m, _i, o: uses.append(o)) for cell in net.modules()
+             if isinstance(cell, DCGRU)]
+    net(src, tgt, extra_steps=3)
+    for hook in hooks:
+        hook.remove()
+    assert len(uses) == 2 * 8
+    with pytest.raises(ValueError, match="extra_steps: expected >= 0"):
+        net(src, tgt, extra_steps=-1)
+
+
 def _memory(size=64, k=4) -> LocalMemory:
     return LocalMemory(MemoryConfig(size=size, key_dim=8, k=k, age_noise=0.0), device="cpu")
 

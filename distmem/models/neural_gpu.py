@@ -305,11 +305,13 @@ class NeuralGPU(nn.Module):
         """src [B, n] -> the final tape [B, m, h, n] after n steps."""
         return self._encode(src)[0]
 
-    def _encode(self, src: Tensor, charged: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(the final tape [B, m, h, n], the saturation cost of the embedded input; the cells' charged
-        pre-activations of their n * nconvs uses go to `charged`)."""
+    def _encode(self, src: Tensor, charged: list[Tensor] | None = None,
+                steps: int | None = None) -> tuple[Tensor, Tensor]:
+        """(the final tape [B, m, h, n] after `steps` steps (None: n), the saturation cost of the
+        embedded input; the cells' charged pre-activations of their steps * nconvs uses go to `charged`)."""
         check_tokens("src", src, self.cfg.in_vocab)
         B, n = src.shape
+        steps = n if steps is None else steps
         s = self.embed(src).transpose(1, 2)[:, :, None]  # (B, m, 1, n): row 0
         cost = s.new_zeros(())
         if self.cfg.cell == "dcgru":  # hard non-linearities throughout
@@ -317,7 +319,7 @@ class NeuralGPU(nn.Module):
                 cost = saturation_cost(s)
             s = torch.clamp(s, -1.0, 1.0)
         s = F.pad(s, (0, 0, 0, self.cfg.height - 1))     # rows 1..h-1: zeros
-        for _ in range(n):
+        for _ in range(steps):
             s = self._steps(self.encoder, s, charged=charged)
         return s, cost
 
@@ -348,16 +350,20 @@ class NeuralGPU(nn.Module):
         return self.target_embed(value.clamp(min=0)) * (value >= 0)[:, None]
 
     # -- training ----------------------------------------------------------------------------------
-    def forward(self, src: Tensor, tgt: Tensor | None = None, memory: Memory | None = None) -> NeuralGPUOutput:
+    def forward(self, src: Tensor, tgt: Tensor | None = None, memory: Memory | None = None,
+                extra_steps: int = 0) -> NeuralGPUOutput:
         """Neural GPU: logits [B, n, V] of every position (tgt [B, n] gives the loss).
         Extended: teacher-forced decoding of tgt [B, T] (T <= n), reading the memory with the
-        gold outputs as labels."""
+        gold outputs as labels. `extra_steps`: the encoder runs n + extra_steps steps (a training
+        option: the answer must then hold on the tape after it is computed)."""
         B, n = src.shape
         if tgt is not None:
             self._check_targets(src, tgt)
+        if extra_steps < 0:
+            raise ValueError(f"extra_steps: expected >= 0, got {extra_steps}")
         charged = self._charged()
-        s, cost = self._encode(src, charged)
-        uses = n * self.cfg.nconvs  # cell applications, for the saturation cost's mean
+        s, cost = self._encode(src, charged, n + extra_steps)
+        uses = (n + extra_steps) * self.cfg.nconvs  # cell applications, for the saturation cost's mean
         if not self.cfg.extended:
             logits = self._logits(s[:, :, 0].transpose(1, 2))  # (B, n, V)
             if tgt is not None and tgt.shape[1] < n:

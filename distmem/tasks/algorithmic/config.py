@@ -62,6 +62,10 @@ class AlgorithmicRunConfig:
     curriculum_start: int = option(3, "curriculum: the longest training length at step 0")
     curriculum_every: int = option(200, "curriculum: steps between growths of the longest length by one")
     max_length: int = option(20, "the longest training length (the curriculum's end)")
+    extra_steps: float = option(
+        0.0, "training only: run a batch of length n for n + r steps, r drawn uniformly from 0..F x n each step "
+             "(the same for every trainer), so that the answer must hold on the tape after it is computed, as "
+             "it must over a long test tape (inference runs n steps; 0: off)")
     shared_length: bool = option(
         False, "every trainer draws a step's length from one generator (seed, step), so none waits at the "
                "gradient's all-reduce for another's longer batch (off: each its own, the measured presets)")
@@ -83,7 +87,8 @@ class AlgorithmicRunConfig:
                      non_negative=("cpus_per_worker", "threads", "nmaps", "height", "eval_every", "grad_noise",
                                    "saturation", "saturation_share", "lr_end",
                                    "validation_length", "lr_drop_at", "saturation_share_at", "ema_from",
-                                   "validation_from", "snap_from", "clip_relative", "clip_relative_from"),
+                                   "validation_from", "snap_from", "clip_relative", "clip_relative_from",
+                                   "extra_steps"),
                      positive_finite=("lr", "lr_drop"))
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay: expected a number in (0, 1), got {self.ema_decay!r}")

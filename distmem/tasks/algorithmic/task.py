@@ -72,6 +72,14 @@ def learning_rate(cfg: AlgorithmicRunConfig, step: int) -> float:
     return rate * cfg.lr_drop if cfg.lr_drop_at and step >= cfg.lr_drop_at else rate
 
 
+def extra_steps(cfg: AlgorithmicRunConfig, step: int, length: int) -> int:
+    """The steps a training batch of `length` runs beyond its length (--extra-steps), drawn from
+    (seed, step): every trainer runs as many, so none waits for another at the all-reduce."""
+    if not cfg.extra_steps:
+        return 0
+    return int(np.random.default_rng([cfg.seed, step, 0, 1]).integers(0, int(cfg.extra_steps * length) + 1))
+
+
 def saturation_scale(cfg: AlgorithmicRunConfig, ce: float, saturation: float, step: int) -> float:
     """The factor on a step's weighted saturation cost: 1, or with `saturation_share` (from step
     `saturation_share_at` on) at most share x ce / saturation, so the cost stays within that
@@ -183,7 +191,7 @@ class AlgorithmicTask:
         if c.snap_from:
             getattr(model, "module", model).snap_in_training(step >= c.snap_from)
         src, tgt = batch
-        out = model(src, tgt)
+        out = model(src, tgt, extra_steps=extra_steps(c, step, src.shape[1]))
         ce, saturation = float(out.ce.detach()), float(out.saturation.detach())
         scale = saturation_scale(c, ce, saturation, step)
         optimizer.zero_grad()
