@@ -195,9 +195,11 @@ def test_the_saturation_cost_joins_the_loss_with_its_weight():
         assert model(extended=extended).forward(src, tgt).saturation == 0  # the cgru has none
 
 
-def test_the_saturation_cost_of_a_pass_is_the_mean_of_every_cell_use_s_cost():
+@pytest.mark.parametrize("extra", [0, 3])
+def test_the_saturation_cost_of_a_pass_is_the_mean_of_every_cell_use_s_cost(extra):
     """The model charges a whole pass's pre-activations at once; the oracle sums each cell use's
-    own cost (recorded by hooks) and the embedded input's, over the n * nconvs (+ T * nconvs) uses."""
+    own cost (recorded by hooks) and the embedded input's, over the (n + extra) * nconvs
+    (+ T * nconvs) uses."""
     src, tgt = tokens(3, 5, IN), tokens(3, 4, OUT, seed=1)
     for extended in (False, True):
         net = model(extended=extended, cell="dcgru", saturation=0.5)
@@ -207,18 +209,18 @@ def test_the_saturation_cost_of_a_pass_is_the_mean_of_every_cell_use_s_cost():
         uses = []
         hooks = [cell.register_forward_hook(lambda _m, _i, out, uses=uses: uses.append(out[1]))
                  for cell in net.modules() if isinstance(cell, DCGRU)]
-        out = net(src, tgt)
+        out = net(src, tgt, extra_steps=extra)
         for hook in hooks:
             hook.remove()
-        assert len(uses) == 2 * (5 + (4 if extended else 0))
+        assert len(uses) == 2 * (5 + extra + (4 if extended else 0))
         embedded = net.embed(src).transpose(1, 2)[:, :, None]  # row 0 of the tape, before its clip
         want = saturation_cost(embedded) + sum(saturation_cost(pre) for gates_pre in uses for pre in gates_pre)
         torch.testing.assert_close(out.saturation, 0.5 * want / len(uses))
         assert out.saturation > 0
 
 
-def test_extra_steps_run_the_encoder_beyond_the_length_and_count_in_the_saturation_cost():
-    """Oracle: the tape after n + r explicit steps; the cost's mean is over (n + r) * nconvs uses."""
+def test_extra_steps_run_the_encoder_beyond_the_length():
+    """Oracle: the tape after n + r explicit steps (their saturation cost: the test above)."""
     src, tgt = tokens(3, 5, IN), tokens(3, 5, OUT, seed=1)
     net = model(cell="dcgru", saturation=0.5)
     torch.testing.assert_close(net(src, tgt, extra_steps=0).logits, net(src, tgt).logits)
@@ -229,13 +231,6 @@ def test_extra_steps_run_the_encoder_beyond_the_length_and_count_in_the_saturati
     out = net(src, tgt, extra_steps=3)
     torch.testing.assert_close(out.logits, net.output(s[:, :, 0].transpose(1, 2)))
     assert not torch.allclose(out.logits, net(src, tgt).logits)
-    uses = []
-    hooks = [cell.register_forward_hook(lambda _m, _i, o: uses.append(o)) for cell in net.modules()
-             if isinstance(cell, DCGRU)]
-    net(src, tgt, extra_steps=3)
-    for hook in hooks:
-        hook.remove()
-    assert len(uses) == 2 * 8
     with pytest.raises(ValueError, match="extra_steps: expected >= 0"):
         net(src, tgt, extra_steps=-1)
 
