@@ -154,12 +154,57 @@ def test_extra_steps_are_drawn_per_step_within_f_times_the_length_and_off_by_def
     src, tgt = next(task.batches(0, 1, step))
     before = copy.deepcopy(net).train()
     torch.manual_seed(5)
-    want = before(src, tgt, extra_steps=extra_steps(task.config, step, 7)).ce
+    want = before(src, tgt, extra_steps=extra_steps(task.config, step, 7)).ce.item()
     torch.manual_seed(5)
-    without = before(src, tgt).ce
+    without = before(src, tgt).ce.item()
     torch.manual_seed(5)
     got = task.train_step(net, None, (src, tgt), optimizer, step)["ce"]
     assert got == pytest.approx(float(want)) and got != pytest.approx(float(without))
+
+
+def test_bins_give_every_step_a_batch_of_each_length_capped_by_the_curriculum():
+    c = Curriculum(start=3, longest=20, every=100)
+    bins = (8, 12, 16, 20)
+    assert [c.bins_at(s, bins) for s in (0, 500, 1000, 1700)] == [[3], [8], [8, 12, 13], [8, 12, 16, 20]]
+    cfg = AlgorithmicRunConfig(task="badd", batch_size=4, curriculum_every=100, bins=bins)
+    step = 1000
+    parts = next(AlgorithmicTask(cfg).batches(1, 2, step))
+    assert [(src.shape, tgt.shape) for src, tgt in parts] == [((4, n), (4, n)) for n in (8, 12, 13)]
+    rng = np.random.default_rng([0, 1, step])  # (seed, rank, step), drawn length after length
+    for (src, tgt), n in zip(parts, (8, 12, 13), strict=True):
+        want = batch("badd", n, 4, rng)
+        assert torch.equal(src, torch.from_numpy(want[0])) and torch.equal(tgt, torch.from_numpy(want[1]))
+    for bad in ((12, 8), (8, 8), (2, 8), (8, 21)):
+        with pytest.raises(ValueError, match="--bins: expected increasing lengths in 3..20"):
+            AlgorithmicRunConfig(task="badd", bins=bad)
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_a_bins_step_descends_the_mean_of_the_bins_losses(ddp):
+    """The oracle: a copy of the model, each bin's pass on its own, the gradient of their mean loss.
+    Also through DistributedDataParallel (one gloo rank), whose all-reduce waits for the last bin."""
+    cfg = AlgorithmicRunConfig(task="badd", nmaps=6, cell="dcgru", saturation=1e-3, batch_size=3, max_length=9,
+                               curriculum_start=9, bins=(4, 6, 9), clip_norm=1e9)
+    task = AlgorithmicTask(cfg)
+    net, optimizer = task.build()
+    parts = next(task.batches(0, 1, 7))
+    assert [src.shape[1] for src, _ in parts] == [4, 6, 9]
+    twin = copy.deepcopy(net).train()
+    outs = [twin(src, tgt) for src, tgt in parts]
+    sum(out.loss for out in outs).div(3).backward()
+    if ddp:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        try:
+            metrics = task.train_step(torch.nn.parallel.DistributedDataParallel(net), None, parts, optimizer, 7)
+        finally:
+            torch.distributed.destroy_process_group()
+    else:
+        metrics = task.train_step(net, None, parts, optimizer, 7)
+    assert metrics["ce"] == pytest.approx(sum(out.ce.item() for out in outs) / 3)
+    assert metrics["length"] == 9
+    for (name, p), q in zip(net.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert any(float(p.grad.abs().sum()) > 0 for p in net.parameters())
 
 
 @pytest.mark.parametrize("cell", ["cgru", "dcgru"])

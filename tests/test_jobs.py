@@ -52,9 +52,10 @@ def test_bench_sharded_runs_and_counts_bytes(ray_local):
 
 
 @pytest.mark.slow  # two short Ray Train runs
-def test_bench_algorithmic_times_both_length_draws(ray_local, tmp_path):
-    out = bench_algorithmic.main(["--preset", "quick", "--steps", "100", "--rounds", "1",
-                                  "--out", str(tmp_path / "bench.json")])
+def test_bench_algorithmic_times_the_length_draws_and_bins(ray_local, tmp_path):
+    out = bench_algorithmic.main(["--preset", "quick", "--steps", "100", "--rounds", "1", "--bins", "4,8",
+                                  "--bins-batch", "2", "--out", str(tmp_path / "bench.json")])
     own, shared = out["steps_per_second"]["own"][0], out["steps_per_second"]["shared"][0]
     assert own > 0 and shared > 0 and out["speedup_shared_length"] == pytest.approx(shared / own)
+    assert out["bins_step_cost"] == pytest.approx(own / out["steps_per_second"]["bins"][0])
     assert json.loads((tmp_path / "bench.json").read_text()) == out

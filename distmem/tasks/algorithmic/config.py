@@ -66,6 +66,10 @@ class AlgorithmicRunConfig:
         0.0, "training only: run a batch of length n for n + r steps, r drawn uniformly from 0..F x n each step "
              "(the same for every trainer), so that the answer must hold on the tape after it is computed, as "
              "it must over a long test tape (inference runs n steps; 0: off)")
+    bins: tuple[int, ...] = option(
+        (), "train every step on a batch of each of these lengths, each capped at the curriculum's longest so "
+            "far, the loss their mean (Freivalds & Liepins' every-bin step; --batch-size instances a length; "
+            "empty: one length a step, drawn by the curriculum)")
     shared_length: bool = option(
         False, "every trainer draws a step's length from one generator (seed, step), so none waits at the "
                "gradient's all-reduce for another's longer batch (off: each its own, the measured presets)")
@@ -99,7 +103,11 @@ class AlgorithmicRunConfig:
         if self.snap_from and not self.snap:
             raise ValueError("--snap-from: training rounds the gates by --snap: expected --snap > 0")
         vocabulary(self.task, self.symbols)
-        self.curriculum()
+        curriculum = self.curriculum()
+        if self.bins and (list(self.bins) != sorted(set(self.bins)) or self.bins[0] < curriculum.shortest
+                          or self.bins[-1] > self.max_length):
+            raise ValueError(f"--bins: expected increasing lengths in {curriculum.shortest}..{self.max_length} "
+                             f"(--max-length), got {self.bins!r}")
         if not self.test_lengths or min(self.test_lengths) < 3:
             raise ValueError(f"--test-lengths: expected comma-separated lengths >= 3, got {self.test_lengths!r}")
         self.model_config()

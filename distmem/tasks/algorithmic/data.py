@@ -156,3 +156,7 @@ class Curriculum:
 
     def length_at(self, step: int, rng: np.random.Generator) -> int:
         return int(rng.integers(self.shortest, self.longest_at(step) + 1))
+
+    def bins_at(self, step: int, bins: tuple[int, ...]) -> list[int]:
+        """The lengths of an every-bin step: each of `bins` capped at the longest so far, once each."""
+        return sorted({min(b, self.longest_at(step)) for b in bins})

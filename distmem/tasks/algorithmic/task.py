@@ -3,6 +3,7 @@ none) on seeded random instances under the length curriculum, and their sequence
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -170,16 +171,20 @@ class AlgorithmicTask:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
         return model, self.optimizer
 
-    def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Step s: a batch of one length drawn by the curriculum, from a generator seeded by (seed, rank, s);
-        with `shared_length` the length comes from (seed, s), the same for every trainer."""
+    def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple]:
+        """Step s: a batch (src [B, n], tgt [B, n]) of one length drawn by the curriculum, from a generator
+        seeded by (seed, rank, s); with `shared_length` the length comes from (seed, s), the same for every
+        trainer. With `bins`: a tuple of such batches, one per length of `Curriculum.bins_at`."""
         c, curriculum = self.config, self.config.curriculum()
         step = start
         while True:
             rng = np.random.default_rng([c.seed, rank, step])
-            length = curriculum.length_at(step, np.random.default_rng([c.seed, step]) if c.shared_length else rng)
-            src, tgt = batch(c.task, length, c.batch_size, rng, c.symbols)
-            yield torch.from_numpy(src), torch.from_numpy(tgt)
+            if c.bins:
+                yield tuple(_tensors(batch(c.task, length, c.batch_size, rng, c.symbols))
+                            for length in curriculum.bins_at(step, c.bins))
+            else:
+                length = curriculum.length_at(step, np.random.default_rng([c.seed, step]) if c.shared_length else rng)
+                yield _tensors(batch(c.task, length, c.batch_size, rng, c.symbols))
             step += 1
 
     def train_step(self, model: torch.nn.Module, memory: Memory | None, batch: tuple[torch.Tensor, torch.Tensor],
@@ -190,12 +195,21 @@ class AlgorithmicTask:
             group["lr"] = learning_rate(c, step)
         if c.snap_from:
             getattr(model, "module", model).snap_in_training(step >= c.snap_from)
-        src, tgt = batch
-        out = model(src, tgt, extra_steps=extra_steps(c, step, src.shape[1]))
-        ce, saturation = float(out.ce.detach()), float(out.saturation.detach())
-        scale = saturation_scale(c, ce, saturation, step)
+        parts = batch if c.bins else (batch,)
         optimizer.zero_grad()
-        (out.loss - (1 - scale) * out.saturation).backward()
+        ce = saturation = accuracy = sequences = 0.0
+        for i, (src, tgt) in enumerate(parts):  # the gradients all-reduce once, at the last part's backward
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                out = model(src, tgt, extra_steps=extra_steps(c, step, src.shape[1]))
+                part_ce, part_saturation = float(out.ce.detach()), float(out.saturation.detach())
+                scale = saturation_scale(c, part_ce, part_saturation, step)
+                ((out.loss - (1 - scale) * out.saturation) / len(parts)).backward()
+            right = out.logits.argmax(-1) == tgt
+            ce += part_ce / len(parts)
+            saturation += scale * part_saturation / len(parts)
+            accuracy += float(right.float().mean()) / len(parts)
+            sequences += float(right.all(1).float().mean()) / len(parts)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_norm)
         if c.clip_relative and step >= c.clip_relative_from:
             clip_relative(optimizer, c.clip_relative)
@@ -208,11 +222,8 @@ class AlgorithmicTask:
         if c.ema_from and step >= c.ema_from:
             update_average(optimizer, c.ema_decay)
         self.done = step + 1
-        right = out.logits.argmax(-1) == tgt
-        return {"ce": ce, "saturation": scale * saturation,
-                "accuracy": float(right.float().mean()),
-                "sequence_accuracy": float(right.all(1).float().mean()), "length": float(src.shape[1]),
-                "grad_norm": float(norm)}
+        return {"ce": ce, "saturation": saturation, "accuracy": accuracy, "sequence_accuracy": sequences,
+                "length": float(src.shape[1]), "grad_norm": float(norm)}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Sequence accuracy (%) at the longest training length, and at `validation_length` if set (from
@@ -235,6 +246,10 @@ class AlgorithmicTask:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+
+def _tensors(pair: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(pair[0]), torch.from_numpy(pair[1])
 
 
 def validation_scores(evals: list[dict[str, float]], saved: set[int], length: int) -> list[tuple[float, int, bool]]:
