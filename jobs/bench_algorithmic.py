@@ -27,7 +27,6 @@ from distmem.runs import RunStore
 from distmem.tasks.algorithmic import PRESETS, AlgorithmicRunConfig, AlgorithmicTask
 from jobs.bench_memory import write_results
 
-
 LABELS = {"own": "a length per trainer", "shared": "one shared length", "bins": "every bin every step"}
 
 
