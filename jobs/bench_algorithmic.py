@@ -6,7 +6,7 @@ trainers (`--shared-length on`), side by side.
     python -m jobs.bench_algorithmic --steps 300 --rounds 1 --task rev
     python -m jobs.bench_algorithmic --bins 8,12,16,20 --bins-batch 4   # also every length every step
 
-Each round runs both configurations one after the other for `--steps` steps with the curriculum
+Each round runs the configurations one after the other for `--steps` steps with the curriculum
 already at its longest length (lengths drawn uniformly up to it, as in most of a run). A rate is
 taken between the first and the last training-curve point (Ray's start-up is left out); the
 ratio is the median of the rounds' ratios, so slow drift of the machine cancels. With `--bins`, a
