@@ -10,7 +10,7 @@ Each round runs the configurations one after the other for `--steps` steps with 
 already at its longest length (lengths drawn uniformly up to it, as in most of a run). A rate is
 taken between the first and the last training-curve point (Ray's start-up is left out); the
 ratio is the median of the rounds' ratios, so slow drift of the machine cancels. With `--bins`, a
-third configuration trains every step on each of those lengths (`--bins-batch` instances each),
+third configuration trains every step on each of those bins (`--bins-batch` instances each),
 and its cost is reported as the median ratio of the own-length rate to its rate. `--out FILE`
 writes the figures as JSON, `--storage DIR|URI` into a run folder.
 """

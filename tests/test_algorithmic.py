@@ -162,18 +162,40 @@ def test_extra_steps_are_drawn_per_step_within_f_times_the_length_and_off_by_def
     assert got == pytest.approx(float(want)) and got != pytest.approx(float(without))
 
 
-def test_bins_give_every_step_a_batch_of_each_length_capped_by_the_curriculum():
+def test_bins_give_every_step_a_batch_of_each_bin_capped_by_the_curriculum():
     c = Curriculum(start=3, longest=20, every=100)
     bins = (8, 12, 16, 20)
-    assert [c.bins_at(s, bins) for s in (0, 500, 1000, 1700)] == [[3], [8], [8, 12, 13], [8, 12, 16, 20]]
+    assert [c.bins_at(s, bins) for s in (0, 500, 1000, 1700)] == [
+        [(3, 3)], [(3, 8)], [(3, 8), (9, 12), (13, 13)], [(3, 8), (9, 12), (13, 16), (17, 20)]]
     cfg = AlgorithmicRunConfig(task="badd", batch_size=4, curriculum_every=100, bins=bins)
     step = 1000
     parts = next(AlgorithmicTask(cfg).batches(1, 2, step))
     assert [(src.shape, tgt.shape) for src, tgt in parts] == [((4, n), (4, n)) for n in (8, 12, 13)]
-    rng = np.random.default_rng([0, 1, step])  # (seed, rank, step), drawn length after length
-    for (src, tgt), n in zip(parts, (8, 12, 13), strict=True):
-        want = batch("badd", n, 4, rng)
+    rng = np.random.default_rng([0, 1, step])  # (seed, rank, step), drawn bin after bin
+    for (src, tgt), (shortest, n) in zip(parts, [(3, 8), (9, 12), (13, 13)], strict=True):
+        want = batch("badd", n, 4, rng, shortest=shortest)
         assert torch.equal(src, torch.from_numpy(want[0])) and torch.equal(tgt, torch.from_numpy(want[1]))
+
+
+@pytest.mark.parametrize("task", ["badd", "rev"])
+def test_a_bin_holds_every_length_of_its_range_padded_with_right_answers(task):
+    vocab = vocabulary(task)
+    src, tgt = batch(task, 12, 400, np.random.default_rng(3), shortest=9)
+    assert src.shape == tgt.shape == (400, 12)
+    widths = set()
+    for inp, out in zip(src.tolist(), tgt.tolist(), strict=True):
+        used = [i for i in inp if i]
+        assert inp == used + [0] * (12 - len(used))  # the instance, then padding
+        text = "".join(vocab.inputs[i - 1] for i in used)
+        if task == "badd":  # on the tape least significant bit first
+            a, b = text.split("+")
+            text = f"{a[::-1]}+{b[::-1]}"
+            widths.add(len(a))
+        else:
+            widths.add(len(text))
+        assert decode(task, out, vocab) == solve(task, text)
+        assert out[len(solve(task, text)):] == [BLANK] * (12 - len(solve(task, text)))
+    assert widths == ({4, 5} if task == "badd" else {9, 10, 11, 12})  # k = (n - 1) // 2 bits for n in 9..12
     for bad in ((12, 8), (8, 8), (2, 8), (8, 21)):
         with pytest.raises(ValueError, match="--bins: expected increasing lengths in 3..20"):
             AlgorithmicRunConfig(task="badd", bins=bad)

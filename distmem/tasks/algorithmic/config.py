@@ -67,9 +67,10 @@ class AlgorithmicRunConfig:
              "(the same for every trainer), so that the answer must hold on the tape after it is computed, as "
              "it must over a long test tape (inference runs n steps; 0: off)")
     bins: tuple[int, ...] = option(
-        (), "train every step on a batch of each of these lengths, each capped at the curriculum's longest so "
-            "far, the loss their mean (Freivalds & Liepins' every-bin step; --batch-size instances a length; "
-            "empty: one length a step, drawn by the curriculum)")
+        (), "train every step on a batch of each of these bins, each capped at the curriculum's longest so "
+            "far, the loss their mean (Freivalds & Liepins' every-bin step): a bin of length L holds --batch-size "
+            "instances of lengths above the previous bin's up to L, padded to L (empty: one length a step, "
+            "drawn by the curriculum)")
     shared_length: bool = option(
         False, "every trainer draws a step's length from one generator (seed, step), so none waits at the "
                "gradient's all-reduce for another's longer batch (off: each its own, the measured presets)")

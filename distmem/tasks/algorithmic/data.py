@@ -127,11 +127,13 @@ def instance_ids(task: str, text: str, length: int, vocab: Vocabulary) -> tuple[
     return inp + [0] * (length - len(inp)), out + [BLANK] * (length - len(out))
 
 
-def batch(task: str, length: int, size: int, rng: np.random.Generator,
-          symbols: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """`size` random instances of tape length `length` -> (inputs [size, length], answers [size, length])."""
+def batch(task: str, length: int, size: int, rng: np.random.Generator, symbols: int = 8,
+          shortest: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`size` random instances of tape length `length` -> (inputs [size, length], answers [size, length]).
+    With `shortest`: each instance of a length drawn uniformly from [shortest, length], padded to `length`."""
     vocab = vocabulary(task, symbols)
-    rows = [instance_ids(task, random_instance(task, length, rng, symbols), length, vocab) for _ in range(size)]
+    lengths = rng.integers(shortest, length + 1, size).tolist() if shortest else [length] * size
+    rows = [instance_ids(task, random_instance(task, n, rng, symbols), length, vocab) for n in lengths]
     return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64)
 
 
@@ -157,6 +159,9 @@ class Curriculum:
     def length_at(self, step: int, rng: np.random.Generator) -> int:
         return int(rng.integers(self.shortest, self.longest_at(step) + 1))
 
-    def bins_at(self, step: int, bins: tuple[int, ...]) -> list[int]:
-        """The lengths of an every-bin step: each of `bins` capped at the longest so far, once each."""
-        return sorted({min(b, self.longest_at(step)) for b in bins})
+    def bins_at(self, step: int, bins: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The batches of an every-bin step as (shortest, length): each of `bins` capped at the longest
+        so far, once each, holding instances of the lengths above the previous bin's up to its own
+        (Freivalds & Liepins' bins), so that every training length keeps being trained."""
+        caps = sorted({min(b, self.longest_at(step)) for b in bins})
+        return list(zip([self.shortest] + [b + 1 for b in caps[:-1]], caps, strict=True))

@@ -174,14 +174,14 @@ class AlgorithmicTask:
     def batches(self, rank: int, world: int, start: int, rows=None) -> Iterator[tuple]:
         """Step s: a batch (src [B, n], tgt [B, n]) of one length drawn by the curriculum, from a generator
         seeded by (seed, rank, s); with `shared_length` the length comes from (seed, s), the same for every
-        trainer. With `bins`: a tuple of such batches, one per length of `Curriculum.bins_at`."""
+        trainer. With `bins`: a tuple of batches, one per bin of `Curriculum.bins_at`."""
         c, curriculum = self.config, self.config.curriculum()
         step = start
         while True:
             rng = np.random.default_rng([c.seed, rank, step])
             if c.bins:
-                yield tuple(_tensors(batch(c.task, length, c.batch_size, rng, c.symbols))
-                            for length in curriculum.bins_at(step, c.bins))
+                yield tuple(_tensors(batch(c.task, length, c.batch_size, rng, c.symbols, shortest))
+                            for shortest, length in curriculum.bins_at(step, c.bins))
             else:
                 length = curriculum.length_at(step, np.random.default_rng([c.seed, step]) if c.shared_length else rng)
                 yield _tensors(batch(c.task, length, c.batch_size, rng, c.symbols))
