@@ -175,6 +175,9 @@ def test_bins_give_every_step_a_batch_of_each_bin_capped_by_the_curriculum():
     for (src, tgt), (shortest, n) in zip(parts, [(3, 8), (9, 12), (13, 13)], strict=True):
         want = batch("badd", n, 4, rng, shortest=shortest)
         assert torch.equal(src, torch.from_numpy(want[0])) and torch.equal(tgt, torch.from_numpy(want[1]))
+    for bad in ((12, 8), (8, 8), (2, 8), (8, 21)):
+        with pytest.raises(ValueError, match="--bins: expected increasing lengths in 3..20"):
+            AlgorithmicRunConfig(task="badd", bins=bad)
 
 
 @pytest.mark.parametrize("task", ["badd", "rev"])
@@ -193,12 +196,10 @@ def test_a_bin_holds_every_length_of_its_range_padded_with_right_answers(task):
             widths.add(len(a))
         else:
             widths.add(len(text))
-        assert decode(task, out, vocab) == solve(task, text)
-        assert out[len(solve(task, text)):] == [BLANK] * (12 - len(solve(task, text)))
+        answer = solve(task, text)
+        assert decode(task, out, vocab) == answer
+        assert out[len(answer):] == [BLANK] * (12 - len(answer))
     assert widths == ({4, 5} if task == "badd" else {9, 10, 11, 12})  # k = (n - 1) // 2 bits for n in 9..12
-    for bad in ((12, 8), (8, 8), (2, 8), (8, 21)):
-        with pytest.raises(ValueError, match="--bins: expected increasing lengths in 3..20"):
-            AlgorithmicRunConfig(task="badd", bins=bad)
 
 
 @pytest.mark.parametrize("ddp", [False, True])
